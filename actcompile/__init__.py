@@ -1,0 +1,17 @@
+"""actcompile: compress the activations autograd saves, where a graph pass says it pays, under a byte budget.
+
+>>> from actcompile import actcompile, explain, Plan
+"""
+
+from actcompile.api import ActCompiledModule, actcompile, explain
+from actcompile.codecs import available_codecs, get_codec, register_codec
+from actcompile.config import CompileConfig, parse_budget
+from actcompile.errors import ActCompileError, BudgetError, CodecError, InputMismatchError, TraceError
+from actcompile.passes.trace import Inputs
+from actcompile.plan import Plan
+
+__all__ = [
+    "actcompile", "explain", "Plan", "ActCompiledModule", "Inputs", "CompileConfig", "parse_budget",
+    "available_codecs", "get_codec", "register_codec",
+    "ActCompileError", "BudgetError", "CodecError", "InputMismatchError", "TraceError",
+]

@@ -1,0 +1,131 @@
+"""Options of a compilation, validated once at construction.
+
+The budget a user writes (``"2GB"``, ``"1.5 GiB"``, ``2_000_000_000``, ``0.25``) is parsed
+here and nowhere else; the rest of the package sees only :class:`Budget` and ints named
+``*_bytes``.
+
+>>> parse_budget("2GB").resolve(baseline_bytes=10**12)
+2000000000
+>>> parse_budget("2 gib").resolve(baseline_bytes=10**12)
+2147483648
+>>> parse_budget(0.25).resolve(baseline_bytes=1000)
+250
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+_UNITS = {
+    "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_BUDGET_RE = re.compile(r"^\s*([+-]?\d+(?:\.\d*)?|[+-]?\.\d+)\s*([a-zA-Z]*)\s*$")
+_ACCEPTED = (
+    "accepted: a size string such as '2GB', '2 GB', '512MiB' (units B, KB, MB, GB, TB = powers "
+    "of 1000; KiB, MiB, GiB, TiB = powers of 1024), a positive int of bytes, or a float in "
+    "(0, 1] meaning that fraction of the uncompressed activation bytes"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """A parsed budget: either absolute ``bytes`` or a ``fraction`` of the baseline."""
+
+    bytes: int | None = None
+    fraction: float | None = None
+
+    def __post_init__(self):
+        if (self.bytes is None) == (self.fraction is None):
+            raise ValueError("Budget: give exactly one of bytes= or fraction=")
+        if self.bytes is not None and self.bytes <= 0:
+            raise ValueError(f"Budget.bytes={self.bytes}: must be > 0")
+        if self.fraction is not None and not (0.0 < self.fraction <= 1.0):
+            raise ValueError(f"Budget.fraction={self.fraction}: must be in (0, 1]")
+
+    def resolve(self, baseline_bytes: int) -> int:
+        """Bytes this budget allows for a model whose uncompressed activations take ``baseline_bytes``."""
+        if self.bytes is not None:
+            return self.bytes
+        return int(math.floor(self.fraction * baseline_bytes))
+
+    def __str__(self) -> str:
+        return f"{self.bytes} B" if self.bytes is not None else f"{self.fraction:g} of baseline"
+
+
+def parse_budget(budget) -> Budget:
+    """Parse what a user wrote as a budget; raise ``ValueError`` naming it and what is accepted."""
+    if isinstance(budget, Budget):
+        return budget
+    if isinstance(budget, bool) or budget is None:
+        raise ValueError(f"budget={budget!r} is not a budget; {_ACCEPTED}")
+    if isinstance(budget, int):
+        if budget <= 0:
+            raise ValueError(f"budget={budget!r} must be positive; {_ACCEPTED}")
+        return Budget(bytes=budget)
+    if isinstance(budget, float):
+        if not (0.0 < budget <= 1.0) or math.isnan(budget):
+            raise ValueError(
+                f"budget={budget!r}: a float budget is a fraction of the baseline and must be "
+                f"in (0, 1]; {_ACCEPTED}"
+            )
+        return Budget(fraction=budget)
+    if isinstance(budget, str):
+        match = _BUDGET_RE.match(budget)
+        unit = match.group(2).lower() if match else None
+        if not match or unit not in _UNITS:
+            raise ValueError(f"budget={budget!r} is not a size; {_ACCEPTED}")
+        value = float(match.group(1)) * _UNITS[unit]
+        if value < 1:
+            raise ValueError(f"budget={budget!r} must be at least one byte; {_ACCEPTED}")
+        return Budget(bytes=int(value))
+    raise ValueError(f"budget of type {type(budget).__name__} is not a budget; {_ACCEPTED}")
+
+
+DEFAULT_EPSILONS = (0.01, 0.05, 0.2, 0.45)
+DEFAULT_CODECS = ("mask", "int8", "int4", "int2")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileConfig:
+    """Everything :func:`actcompile.passes.policy.choose_plan` needs besides the profile.
+
+    ``codecs`` are codec instances (see :func:`actcompile.codecs.get_codec`); ``epsilons`` is the ladder tried for variable-rate codecs;
+    tensors below ``min_tensor_bytes`` are never compressed (the packing overhead would eat
+    the saving); what the heap holds beyond the saved storages is kept free under the budget,
+    so that *measured* bytes stay under it: ``reserve_bytes_per_node`` per autograd node
+    (measured 500-900 B on torch 2.14, CPU, over 10 models) and ``reserve_bytes_per_packed`` per
+    tensor the plan may pack (the packed value's tensor objects).
+    """
+
+    budget: Budget
+    codecs: tuple = ()
+    epsilons: tuple[float, ...] = DEFAULT_EPSILONS
+    min_tensor_bytes: int = 16 * 1024
+    reserve_bytes_per_node: int = 1024
+    reserve_bytes_per_packed: int = 256
+    error_weighting: str = "tensor"
+    recompute: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.budget, Budget):
+            raise ValueError(f"CompileConfig.budget={self.budget!r}: must be a Budget (use parse_budget)")
+        if not self.codecs:
+            from actcompile.codecs import get_codec
+
+            object.__setattr__(self, "codecs", tuple(get_codec(n) for n in DEFAULT_CODECS))
+        if isinstance(self.codecs, (str, bytes)) or not all(hasattr(c, "pack") for c in self.codecs):
+            raise ValueError(f"CompileConfig.codecs={self.codecs!r}: must be a tuple of codec instances")
+        for eps in self.epsilons:
+            if not (0.0 < eps < 1.0):
+                raise ValueError(f"CompileConfig.epsilons contains {eps!r}: each epsilon must be in (0, 1)")
+        if self.min_tensor_bytes < 0:
+            raise ValueError(f"CompileConfig.min_tensor_bytes={self.min_tensor_bytes}: must be >= 0")
+        if self.error_weighting not in ("tensor", "bytes"):
+            raise ValueError(f"CompileConfig.error_weighting={self.error_weighting!r}: accepted are 'tensor', 'bytes'")
+        for name in ("reserve_bytes_per_node", "reserve_bytes_per_packed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"CompileConfig.{name}={getattr(self, name)}: must be >= 0")

@@ -1,0 +1,35 @@
+"""Exceptions raised by actcompile.
+
+Every error a user can cause derives from :class:`ActCompileError`, so
+``except ActCompileError`` catches all of them; each also derives from the
+builtin that describes its kind (``ValueError`` for bad arguments), so code
+written against plain Python exceptions keeps working.
+
+>>> from actcompile.errors import BudgetError
+>>> issubclass(BudgetError, ValueError)
+True
+"""
+
+
+class ActCompileError(Exception):
+    """Base class of every actcompile error."""
+
+
+class TraceError(ActCompileError, RuntimeError):
+    """The model could not be captured as a graph by any of the tracers tried."""
+
+
+class BudgetError(ActCompileError, ValueError):
+    """No plan meets the memory budget; the message names the smallest achievable bytes."""
+
+    def __init__(self, message: str, *, smallest_bytes: int | None = None):
+        super().__init__(message)
+        self.smallest_bytes = smallest_bytes
+
+
+class CodecError(ActCompileError, ValueError):
+    """A codec was asked for something it cannot do (unknown name, bad option, bad input)."""
+
+
+class InputMismatchError(ActCompileError, TypeError):
+    """The example inputs do not match the model's forward signature."""

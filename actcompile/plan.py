@@ -1,0 +1,290 @@
+"""The records that flow between passes: what autograd saves, and what the plan does about it.
+
+All records are frozen dataclasses that refer to graph nodes by name, validate their fields on
+construction, and (for :class:`Plan`) round-trip through JSON::
+
+    >>> t = Assignment(node="relu", ordinal=0, codec="mask", options=(), epsilon=None,
+    ...                bytes_before=4096, bytes_after=128, error=0.0)
+    >>> r = Region(name="r0", codec="mask", epsilon=None, assignments=(t,))
+    >>> p = Plan(budget_bytes=1000, baseline_bytes=4096, regions=(r,), skipped=())
+    >>> p.planned_bytes
+    128
+    >>> Plan.from_json(p.to_json()) == p
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+
+
+def format_bytes(n: int) -> str:
+    """``1536 -> '1.5 KiB'``: bytes for people."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _require(cond: bool, record: str, field: str, value, valid: str) -> None:
+    if not cond:
+        raise ValueError(f"{record}.{field}={value!r}: {valid}")
+
+
+class TensorKind(str, enum.Enum):
+    """What a saved storage is; only ACTIVATION counts towards activation bytes."""
+
+    ACTIVATION = "activation"
+    PARAMETER = "parameter"
+    BUFFER = "buffer"
+    INPUT = "input"
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveEvent:
+    """One call of autograd's pack hook: node ``node`` saved its ``ordinal``-th tensor."""
+
+    node: str
+    ordinal: int
+    op: str          # the autograd node that holds it for backward, e.g. "ReluBackward0"
+    shape: tuple[int, ...]
+    dtype: str
+    storage: int     # index into MemoryProfile.tensors
+
+    def __post_init__(self):
+        _require(self.ordinal >= 0, "SaveEvent", "ordinal", self.ordinal, "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Use:
+    """One backward use of a saved tensor: the autograd node and its scalar arguments.
+
+    >>> Use("HardtanhBackward0", (("max_val", 6.0), ("min_val", 0.0))).scalar("max_val")
+    6.0
+    """
+
+    op: str
+    scalars: tuple[tuple[str, object], ...] = ()
+
+    def scalar(self, name: str, default=None):
+        return dict(self.scalars).get(name, default)
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedTensor:
+    """One distinct storage autograd holds for backward, however many ops saved it."""
+
+    index: int
+    node: str                  # node of the first save: the one a plan decision is keyed on
+    ordinal: int
+    shape: tuple[int, ...]     # of the first saved view
+    dtype: str
+    nbytes: int                # bytes of the whole storage
+    kind: TensorKind
+    uses: tuple[Use, ...]      # every autograd node that holds (a view of) it, in save order
+    packed_shape: tuple[int, ...]  # what a codec packs: ``shape``, or (elements,) of the whole
+                                   # storage when the first save is a partial view of it
+    opaque: bool = False       # saved inside an opaque (untraced) node
+
+    def __post_init__(self):
+        _require(self.nbytes >= 0, "SavedTensor", "nbytes", self.nbytes, "must be >= 0")
+        _require(isinstance(self.kind, TensorKind), "SavedTensor", "kind", self.kind,
+                 f"must be one of {[k.value for k in TensorKind]}")
+
+    @property
+    def is_activation(self) -> bool:
+        return self.kind is TensorKind.ACTIVATION
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        return tuple(u.op for u in self.uses)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryProfile:
+    """What autograd saves when ``graph`` runs forward on the example inputs.
+
+    ``tensors`` are the distinct storages; ``events`` every save, in order.
+    ``baseline_bytes`` counts activation storages only (no parameters, buffers or inputs).
+    """
+
+    tensors: tuple[SavedTensor, ...]
+    events: tuple[SaveEvent, ...]
+    node_order: tuple[str, ...]
+    mode: str = "fake"   # "fake" (FakeTensors) or "real" (needed for data-dependent control flow)
+    autograd_nodes: int = 0   # nodes of the autograd graph the forward leaves behind
+    # for nodes that could be recomputed: their tensor arguments as (storage index or -1, bytes)
+    node_inputs: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = ()
+
+    @property
+    def baseline_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors if t.is_activation)
+
+    def bytes_by_node(self) -> dict[str, int]:
+        """Activation bytes attributed to the node that first saved each storage."""
+        out: dict[str, int] = {}
+        for t in self.tensors:
+            if t.is_activation:
+                out[t.node] = out.get(t.node, 0) + t.nbytes
+        return out
+
+
+class SkipReason(str, enum.Enum):
+    PARAMETER = "parameter"
+    BUFFER = "buffer"
+    INPUT = "model input (held by the caller anyway)"
+    NOT_FLOAT = "integer/bool tensor"
+    TOO_SMALL = "below size floor"
+    NO_CODEC = "no enabled codec supports it"
+    RECOMPUTED = "freed: its node is recomputed in backward"
+    NOT_NEEDED = "budget met without it"
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    """A saved tensor the plan leaves as it is, and why."""
+
+    node: str
+    ordinal: int
+    reason: SkipReason
+    detail: str = ""
+    nbytes: int = 0
+
+
+RECOMPUTE = "recompute"   # Assignment.codec of a node re-run in backward instead of saving its internals
+
+
+@dataclasses.dataclass(frozen=True)
+class Assignment:
+    """One saved storage, the codec that packs it, and what that costs and saves.
+
+    With ``codec == RECOMPUTE`` it is a whole node, re-run in backward (activation
+    checkpointing): ``bytes_before`` its internal saved storages, ``bytes_after`` its arguments.
+    """
+
+    node: str
+    ordinal: int
+    codec: str
+    options: tuple[tuple[str, object], ...]
+    epsilon: float | None
+    bytes_before: int
+    bytes_after: int
+    error: float   # measured relative L2 error on the calibration batch
+    shape: tuple[int, ...] = ()   # of the saved tensor, checked at run time
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        _require(self.bytes_before >= 0, "Assignment", "bytes_before", self.bytes_before, "must be >= 0")
+        _require(self.bytes_after >= 0, "Assignment", "bytes_after", self.bytes_after, "must be >= 0")
+        _require(self.epsilon is None or 0 < self.epsilon < 1, "Assignment", "epsilon",
+                 self.epsilon, "must be None or in (0, 1)")
+        _require(self.error >= 0 and not math.isnan(self.error), "Assignment", "error",
+                 self.error, "must be a non-negative number")
+
+
+@dataclasses.dataclass(frozen=True)
+class Region:
+    """A run of consecutive nodes whose saved tensors share one codec and ε."""
+
+    name: str
+    codec: str
+    epsilon: float | None
+    assignments: tuple[Assignment, ...]
+
+    def __post_init__(self):
+        _require(len(self.assignments) > 0, "Region", "assignments", self.assignments, "must be non-empty")
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(a.node for a in self.assignments))
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(a.bytes_before for a in self.assignments)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(a.bytes_after for a in self.assignments)
+
+    @property
+    def error(self) -> float:
+        """Size-weighted RMS of the measured relative errors of the region's tensors."""
+        total = self.bytes_before
+        if total == 0:
+            return 0.0
+        return math.sqrt(sum(a.bytes_before * a.error**2 for a in self.assignments) / total)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Which saved tensors get which codec, and the bytes that result. Pure data."""
+
+    budget_bytes: int
+    baseline_bytes: int
+    regions: tuple[Region, ...]
+    skipped: tuple[Skip, ...]
+
+    def __post_init__(self):
+        _require(self.budget_bytes > 0, "Plan", "budget_bytes", self.budget_bytes, "must be > 0")
+        _require(self.baseline_bytes >= 0, "Plan", "baseline_bytes", self.baseline_bytes, "must be >= 0")
+
+    @property
+    def assignments(self) -> tuple[Assignment, ...]:
+        return tuple(a for r in self.regions for a in r.assignments)
+
+    @property
+    def planned_bytes(self) -> int:
+        saved = sum(a.bytes_before - a.bytes_after for a in self.assignments)
+        return self.baseline_bytes - saved
+
+    # -- JSON -----------------------------------------------------------------------------
+    def to_json(self) -> str:
+        def encode(obj):
+            if isinstance(obj, enum.Enum):
+                return obj.name
+            raise TypeError(type(obj))
+
+        return json.dumps(dataclasses.asdict(self), default=encode, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        data = json.loads(text)
+
+        def assignment(d):
+            d = dict(d, options=tuple(tuple(kv) for kv in d["options"]), shape=tuple(d["shape"]))
+            return Assignment(**d)
+
+        regions = tuple(
+            Region(name=r["name"], codec=r["codec"], epsilon=r["epsilon"],
+                   assignments=tuple(assignment(a) for a in r["assignments"]))
+            for r in data["regions"]
+        )
+        skipped = tuple(Skip(**dict(s, reason=SkipReason[s["reason"]])) for s in data["skipped"])
+        return cls(budget_bytes=data["budget_bytes"], baseline_bytes=data["baseline_bytes"],
+                   regions=regions, skipped=skipped)
+
+    # -- table ----------------------------------------------------------------------------
+    def __str__(self) -> str:
+        rows = [("region", "nodes", "codec", "ε", "before → after", "error")]
+        for r in self.regions:
+            nodes = r.nodes
+            shown = ", ".join(nodes[:3]) + (f", … (+{len(nodes) - 3})" if len(nodes) > 3 else "")
+            eps = "-" if r.epsilon is None else f"{r.epsilon:g}"
+            rows.append((r.name, shown, r.codec, eps,
+                         f"{format_bytes(r.bytes_before)} → {format_bytes(r.bytes_after)}",
+                         f"{r.error:.3g}"))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        lines.append("-" * len(lines[0]))
+        lines.append(
+            f"baseline {format_bytes(self.baseline_bytes)} | planned {format_bytes(self.planned_bytes)}"
+            f" | budget {format_bytes(self.budget_bytes)} | {len(self.regions)} regions,"
+            f" {len(self.skipped)} tensors left as they are"
+        )
+        return "\n".join(lines)

@@ -1,0 +1,202 @@
+"""What runs at train time: pack the planned saved tensors through their codecs, unpack in backward.
+
+The emitted graph brackets every node that saves a planned tensor with :func:`begin_node` /
+:func:`end_node`; while :func:`compressing` is active, autograd's pack hook counts the saves
+of the current node and looks up ``(node, ordinal)`` in the plan's table. A storage saved by
+several ops is packed once: later saves get the same packed object (and their own view).
+A saved tensor whose shape or dtype differs from the plan (an input that took another branch
+of an opaque module) is kept as it is and counted in ``guard_failures``: never a wrong codec.
+
+This module imports no pass, so a rewritten module needs only it (and the codecs) to run.
+
+>>> import torch
+>>> from actcompile.codecs import get_codec
+>>> table = {("relu", 0): Planned(get_codec("mask"), (4, 8), torch.float32)}
+>>> x = torch.randn(4, 8, requires_grad=True)
+>>> with compressing(table) as stats:
+...     begin_node("relu"); y = torch.relu(x); end_node()
+>>> stats.packed_tensors, stats.packed_bytes
+(1, 8)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import threading
+
+import torch
+import torch.fx
+import torch.utils.checkpoint
+from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
+from torch.multiprocessing.reductions import StorageWeakRef
+
+
+@dataclasses.dataclass(frozen=True)
+class Planned:
+    """What the plan says for one save: the codec and the tensor it expects to see."""
+
+    codec: object
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def packable_view(t: torch.Tensor) -> torch.Tensor:
+    """What a codec packs for a saved tensor: the tensor itself if it is exactly its storage,
+    else a flat view of the whole storage (every view saved of it is then cut back out)."""
+    storage = t.untyped_storage()
+    if (t.storage_offset() == 0 and t.numel() * t.element_size() == storage.nbytes()
+            and is_non_overlapping_and_dense(t)):
+        return t
+    return t.as_strided((storage.nbytes() // t.element_size(),), (1,), 0)
+
+
+@dataclasses.dataclass
+class RuntimeStats:
+    """Counters of one compressed forward (for tests, benchmarks and re-planning)."""
+
+    packed_tensors: int = 0
+    packed_bytes: int = 0        # bytes the codecs hold
+    raw_bytes_replaced: int = 0  # bytes of the storages they replaced
+    guard_failures: int = 0
+
+
+class _PackedStorage:
+    """One storage's packed form; every save of (a view of) it unpacks from here."""
+
+    __slots__ = ("codec", "payload", "size", "stride", "__weakref__")
+
+    def __init__(self, codec, payload, size, stride):
+        self.codec, self.payload, self.size, self.stride = codec, payload, size, stride
+
+    def base(self) -> torch.Tensor:
+        decoded = self.codec.unpack(self.payload)
+        if decoded.stride() == self.stride:
+            return decoded
+        return torch.empty_strided(self.size, self.stride, dtype=decoded.dtype,
+                                   device=decoded.device).copy_(decoded)
+
+
+class _Session:
+    """State of one compressed forward: current node, ordinal, storages already packed."""
+
+    def __init__(self, table: dict):
+        self.table = table
+        self.node: str | None = None
+        self.ordinal = 0
+        self.packed: dict[int, tuple[StorageWeakRef, _PackedStorage]] = {}
+        self.stats = RuntimeStats()
+
+    def pack(self, t: torch.Tensor):
+        storage = t.untyped_storage()
+        key = StorageWeakRef(storage)
+        known = self.packed.get(key.cdata)
+        planned = None
+        if self.node is not None:
+            planned = self.table.get((self.node, self.ordinal))
+            self.ordinal += 1
+        if known is not None and not known[0].expired():
+            return (known[1], tuple(t.shape), t.stride(), t.storage_offset())
+        if planned is None:
+            return t
+        if tuple(t.shape) != planned.shape or t.dtype != planned.dtype:
+            self.stats.guard_failures += 1
+            return t
+        whole = packable_view(t.detach())
+        payload = planned.codec.pack(whole)
+        holder = _PackedStorage(planned.codec, payload, tuple(whole.shape), whole.stride())
+        self.packed[key.cdata] = (key, holder)
+        self.stats.packed_tensors += 1
+        self.stats.packed_bytes += _payload_bytes(payload)
+        self.stats.raw_bytes_replaced += storage.nbytes()
+        return (holder, tuple(t.shape), t.stride(), t.storage_offset())
+
+
+def _payload_bytes(payload) -> int:
+    if isinstance(payload, torch.Tensor):
+        return payload.untyped_storage().nbytes()
+    if isinstance(payload, (tuple, list)):
+        return sum(_payload_bytes(p) for p in payload)
+    return 0
+
+
+def _unpack(saved):
+    if isinstance(saved, torch.Tensor):
+        return saved
+    holder, size, stride, offset = saved
+    base = holder.base()
+    if size == holder.size and stride == holder.stride and offset == 0:
+        return base
+    return base.as_strided(size, stride, offset)
+
+
+_active = threading.local()
+
+
+def _session() -> _Session | None:
+    return getattr(_active, "session", None)
+
+
+def begin_node(name: str) -> None:
+    """Marker the emitted graph calls before a node whose saves the plan compresses."""
+    session = _session()
+    if session is not None:
+        session.node, session.ordinal = name, 0
+
+
+def end_node() -> None:
+    """Marker the emitted graph calls after such a node."""
+    session = _session()
+    if session is not None:
+        session.node = None
+
+
+def recompute(fn, *args, **kwargs):
+    """Call ``fn`` now without keeping what it saves; run it again in backward for those tensors.
+
+    Non-reentrant activation checkpointing with the RNG state preserved, so the forward result
+    and the recomputed tensors are bit-identical to an ordinary call.
+    """
+    if not torch.is_grad_enabled():
+        return fn(*args, **kwargs)
+    call = functools.partial(fn, **kwargs) if kwargs else fn
+    return torch.utils.checkpoint.checkpoint(call, *args, use_reentrant=False, preserve_rng_state=True)
+
+
+# The markers have effects the graph does not see: keep dead-code elimination off them.
+torch.fx.node.has_side_effect(begin_node)
+torch.fx.node.has_side_effect(end_node)
+
+
+@contextlib.contextmanager
+def compressing(table: dict):
+    """Install the pack/unpack hooks for one forward; always removed, even if the forward raises."""
+    if _session() is not None:
+        raise RuntimeError("actcompile: compressed forwards cannot nest in one thread")
+    session = _Session(table)
+    _active.session = session
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(session.pack, _unpack):
+            yield session.stats
+    finally:
+        _active.session = None
+
+
+@contextlib.contextmanager
+def preserved_state(module: torch.nn.Module):
+    """Run something (calibration, a probe) without a trace on ``module``'s buffers or the RNG.
+
+    BatchNorm's running statistics and every random generator are restored afterwards, so the
+    next real forward draws the same dropout masks as it would have without the probe.
+    """
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    devices = sorted({b.device.index for b, _ in buffers if b.device.type == "cuda"} |
+                     ({torch.cuda.current_device()} if torch.cuda.is_available() and torch.cuda.is_initialized() else set()))
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for live, saved in buffers:
+                    live.copy_(saved)

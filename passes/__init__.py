@@ -1,0 +1,1 @@
+"""The compiler passes, one per module (installed as ``actcompile.passes``); see README.md here."""

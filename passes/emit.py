@@ -1,0 +1,96 @@
+"""Rewrite a traced graph so that the plan's saved tensors go through their codecs.
+
+``emit_regions`` copies the graph and brackets every node the plan compresses with
+:func:`actcompile.runtime.begin_node` / :func:`~actcompile.runtime.end_node` markers, and
+routes every node the plan recomputes through :func:`actcompile.runtime.recompute`. The result
+is a :class:`CompressedGraphModule`: a GraphModule that, in training mode with grad enabled,
+runs its forward inside :func:`actcompile.runtime.compressing` (the hooks are removed even if
+the forward raises); in eval mode or under ``torch.no_grad()`` it runs the graph untouched.
+The markers only set which node is running, so forward values are bit-identical.
+
+Before/after, for a plan that masks the output of ``relu``::
+
+    relu = self.relu(conv)                       begin_node('relu')
+                                                 relu = self.relu(conv)
+                                                 end_node()
+
+>>> import torch
+>>> from actcompile.plan import Assignment, Plan, Region
+>>> from actcompile.passes.trace import trace_module
+>>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+>>> gm = trace_module(model, torch.randn(4, 8))
+>>> a = Assignment("_1", 0, "mask", (), None, 128, 8, 0.0, (4, 8), "float32")
+>>> plan = Plan(budget_bytes=64, baseline_bytes=128, regions=(Region("r0", "mask", None, (a,)),), skipped=())
+>>> out = emit_regions(gm, plan)
+>>> [n.name for n in out.graph.nodes]
+['input_1', '_0', 'begin_node', '_1', 'end_node', 'output']
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from actcompile import runtime
+from actcompile.codecs import get_codec
+from actcompile.plan import RECOMPUTE, Plan
+
+
+class CompressedGraphModule(torch.fx.GraphModule):
+    """A GraphModule whose training forwards compress the saved tensors its plan names."""
+
+    def __init__(self, root, graph: torch.fx.Graph, table: dict, class_name: str = "CompressedGraphModule"):
+        super().__init__(root, graph, class_name)
+        self.compression_table = table
+        self.last_stats: runtime.RuntimeStats | None = None
+
+    def __call__(self, *args, **kwargs):
+        if not (self.training and torch.is_grad_enabled()):
+            return super().__call__(*args, **kwargs)
+        with runtime.compressing(self.compression_table) as stats:
+            out = super().__call__(*args, **kwargs)
+        self.last_stats = stats
+        return out
+
+
+def compression_table(plan: Plan) -> dict:
+    """``{(node, ordinal): runtime.Planned}`` for every codec assignment of ``plan``."""
+    table = {}
+    for a in plan.assignments:
+        if a.codec == RECOMPUTE:
+            continue
+        codec = get_codec(a.codec, **dict(a.options), **({"epsilon": a.epsilon} if a.epsilon is not None else {}))
+        table[(a.node, a.ordinal)] = runtime.Planned(codec, tuple(a.shape), getattr(torch, a.dtype))
+    return table
+
+
+def _wrap_in_recompute(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+    """``y = f(x)``  →  ``y = recompute(f, x)``: the same call, its saves re-made in backward."""
+    with graph.inserting_before(node):
+        fn = graph.get_attr(node.target) if node.op == "call_module" else node.target
+        call = graph.call_function(runtime.recompute, (fn, *node.args), dict(node.kwargs))
+    call.meta = dict(node.meta)
+    node.replace_all_uses_with(call)
+    graph.erase_node(node)
+
+
+def emit_regions(gm: torch.fx.GraphModule, plan: Plan) -> CompressedGraphModule:
+    """A new module running ``gm``'s graph with ``plan``'s compression; ``gm`` is not modified."""
+    graph = torch.fx.Graph()
+    graph._codegen = gm.graph._codegen
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    nodes = {n.name: n for n in graph.nodes}
+    missing = [a.node for a in plan.assignments if a.node not in nodes]
+    if missing:
+        raise ValueError(f"emit_regions: plan names nodes {missing[:5]} that the graph does not have")
+    for name in dict.fromkeys(a.node for a in plan.assignments if a.codec == RECOMPUTE):
+        _wrap_in_recompute(graph, nodes[name])
+    for name in dict.fromkeys(a.node for a in plan.assignments if a.codec != RECOMPUTE):
+        node = nodes[name]
+        with graph.inserting_before(node):
+            graph.call_function(runtime.begin_node, (name,))
+        with graph.inserting_after(node):
+            graph.call_function(runtime.end_node, ())
+    graph.lint()
+    return CompressedGraphModule(gm, graph, compression_table(plan), class_name=type(gm).__name__)

@@ -1,0 +1,265 @@
+"""Which tensors autograd saves for backward, attributed to the node whose op saved them, in bytes.
+
+``profile_memory`` runs the graph forward on FakeTensors (no real activation memory) inside
+``saved_tensors_hooks`` and a dispatch mode that remembers the last ATen op, so every call of
+the pack hook is recorded as a :class:`~actcompile.plan.SaveEvent` ``(node, ordinal, op, shape,
+dtype, storage)``. Saves are deduplicated by storage (a tensor saved by two ops, or two views of
+one storage, count once); parameters, buffers and the model's inputs are marked and excluded
+from activation bytes. Where an opaque node branches on data and cannot run on FakeTensors,
+the profile runs on the real inputs instead, dropping every saved tensor as soon as it is
+recorded (so it still holds no activations) and restoring buffers and RNG afterwards.
+
+>>> import torch
+>>> from actcompile.passes.trace import trace_module
+>>> model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 4))
+>>> x = torch.randn(64, 256)
+>>> profile = profile_memory(trace_module(model, x), x)
+>>> profile.baseline_bytes == 64 * 256 * 4      # the ReLU output, saved by ReLU and by Linear, once
+True
+>>> sorted(t.kind.value for t in profile.tensors)
+['activation', 'input', 'parameter']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Callable
+
+import torch
+import torch.fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._pytree import tree_leaves
+
+from actcompile.plan import MemoryProfile, SavedTensor, SaveEvent, TensorKind, Use
+from actcompile.runtime import packable_view, preserved_state
+from actcompile.passes.rules import recomputable
+from actcompile.passes.trace import _is_data_dependent, flatten_inputs, normalize_inputs
+
+
+class _SaveRecorder(torch.fx.Interpreter):
+    """Runs the graph node by node, so each save is attributed to the node running it."""
+
+    def __init__(self, gm, on_save: Callable[[str, int, torch.Tensor], None], on_node=None):
+        super().__init__(gm)
+        self.on_save = on_save
+        self.on_node = on_node
+        self.node: str | None = None
+        self.ordinal = 0
+        self.saves = 0
+
+    def run_node(self, n):
+        self.node, self.ordinal = n.name, 0
+        try:
+            if self.on_node is not None:
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                self.on_node(n, [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)])
+            return super().run_node(n)
+        except Exception as err:
+            if getattr(err, "_actcompile_node", None) is None:
+                err._actcompile_node = n.format_node()
+                err.add_note(f"while running node: {n.format_node()}")
+            raise
+
+    def pack(self, t: torch.Tensor):
+        index = self.saves
+        self.on_save(self.node, self.ordinal, t)
+        self.ordinal += 1
+        self.saves += 1
+        return index    # only a token is kept: the profile holds no activations
+
+
+def record_saves(gm: torch.fx.GraphModule, flat_inputs: list, on_save, *, fake: bool,
+                 on_node=None) -> tuple[dict[int, Use], int]:
+    """Run ``gm`` forward once with grad enabled, calling ``on_save(node, ordinal, tensor, kind)``
+    at every save (and ``on_node(node, tensor arguments)`` before every node, if given).
+
+    ``kind`` says whether the saved storage is a parameter, buffer, model input or activation.
+    On FakeTensors, parameters and buffers are swapped for fakes through ``functional_call``.
+    Returns ``{save index: Use}`` (the autograd node reading it) for the saves the outputs' autograd graph still
+    holds at the end of the forward (see :func:`_saving_nodes`; other saves were released), and
+    the number of autograd nodes in that graph.
+    """
+    recorder = _SaveRecorder(gm, None, on_node)
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+    state = dict(gm.named_parameters())   # tied weights once; functional_call re-ties the rest
+    state.update(gm.named_buffers())
+    with contextlib.ExitStack() as stack:
+        if fake:
+            stack.enter_context(mode)
+            state = {name: _fake_like(mode, t) for name, t in state.items()}
+            flat_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in flat_inputs]
+        else:
+            stack.enter_context(preserved_state(gm))
+        owned: dict[int, TensorKind] = {}
+        buffer_names = {name for name, _ in gm.named_buffers()}
+        for name, t in state.items():
+            kind = TensorKind.BUFFER if name in buffer_names else TensorKind.PARAMETER
+            owned.setdefault(StorageWeakRef(t.untyped_storage()).cdata, kind)
+        for x in flat_inputs:
+            if isinstance(x, torch.Tensor):
+                owned.setdefault(StorageWeakRef(x.untyped_storage()).cdata, TensorKind.INPUT)
+
+        def kind_of(t):
+            return owned.get(StorageWeakRef(t.untyped_storage()).cdata, TensorKind.ACTIVATION)
+
+        recorder.on_save = lambda node, ordinal, t: on_save(node, ordinal, t, kind_of(t))
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(recorder.pack, _token_unpack))
+        out = torch.func.functional_call(_Runner(recorder), {f"gm.{k}": v for k, v in state.items()},
+                                         tuple(flat_inputs), strict=False, tie_weights=True)
+        return _saving_nodes(out)
+
+
+_unpacked = threading.local()
+
+
+def _token_unpack(token):
+    _unpacked.tokens.append(token)
+    return torch.empty(0)
+
+
+def _saving_nodes(out) -> tuple[dict[int, Use], int]:
+    """Walk the autograd graph from ``out``: which autograd node holds each save token.
+
+    Reading a node's ``_saved_*`` attributes runs the unpack hook on its tokens, which tells
+    exactly which backward formula reads each saved tensor (``ReluBackward0`` reads only the
+    sign), and gives the formula's scalar arguments (``HardtanhBackward0``'s ``min_val``).
+    Saves no output reaches are not in the result: they are freed with the forward.
+    """
+    roots = [t.grad_fn for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    found: dict[int, Use] = {}
+    seen, stack = set(), list(roots)
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        _unpacked.tokens = []
+        scalars = []
+        for attr in dir(fn):
+            if attr.startswith("_saved_"):
+                try:
+                    value = getattr(fn, attr)
+                except RuntimeError:   # already freed / not a tensor; nothing to attribute
+                    continue
+                if isinstance(value, (bool, int, float)):
+                    scalars.append((attr.removeprefix("_saved_"), value))
+        use = Use(type(fn).__name__, tuple(scalars))
+        for token in _unpacked.tokens:
+            if isinstance(token, int):
+                found[token] = use
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    _unpacked.tokens = []
+    return found, len(seen)
+
+
+def _fake_like(mode: FakeTensorMode, t: torch.Tensor) -> torch.Tensor:
+    fake = mode.from_tensor(t)
+    if isinstance(t, torch.nn.Parameter):
+        fake = torch.nn.Parameter(fake, requires_grad=t.requires_grad)
+    return fake
+
+
+class _Runner(torch.nn.Module):
+    """Lets ``functional_call`` swap the graph's parameters while the recorder runs it."""
+
+    def __init__(self, recorder: _SaveRecorder):
+        super().__init__()
+        self.gm = recorder.module
+        self.__dict__["recorder"] = recorder
+
+    def forward(self, *flat_inputs):
+        return self.recorder.run(*flat_inputs)
+
+
+class _Collector:
+    """Builds SaveEvents and deduplicated SavedTensors from the stream of pack-hook calls."""
+
+    def __init__(self, opaque_nodes: set[str]):
+        self.opaque_nodes = opaque_nodes
+        self.saves: list[tuple] = []     # (node, ordinal, shape, dtype, storage index)
+        self.storages: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.first: list[dict] = []
+        self.args_of: dict[str, list] = {}   # recomputable node -> its argument storages (kept alive)
+
+    def node_args(self, node: torch.fx.Node, tensors: list[torch.Tensor]) -> None:
+        if recomputable(node):
+            self.args_of[node.name] = [t.untyped_storage() for t in tensors]
+
+    def _inputs(self) -> tuple:
+        out = []
+        for name, storages in self.args_of.items():
+            found = []
+            for storage in storages:
+                known = self.storages.get(StorageWeakRef(storage).cdata)
+                found.append((known[1] if known is not None else -1, storage.nbytes()))
+            out.append((name, tuple(found)))
+        self.args_of = {}
+        return tuple(out)
+
+    def __call__(self, node, ordinal, t, kind):
+        storage = t.untyped_storage()
+        ref = StorageWeakRef(storage)
+        known = self.storages.get(ref.cdata)
+        if known is not None and not known[0].expired():
+            index = known[1]
+        else:
+            index = len(self.first)
+            packed = packable_view(t)
+            self.storages[ref.cdata] = (ref, index)
+            self.first.append(dict(index=index, node=node, ordinal=ordinal, shape=tuple(t.shape),
+                                   dtype=str(t.dtype).removeprefix("torch."), nbytes=storage.nbytes(),
+                                   kind=kind, packed_shape=tuple(packed.shape), opaque=node in self.opaque_nodes))
+        self.saves.append((node, ordinal, tuple(t.shape), str(t.dtype).removeprefix("torch."), index))
+
+    def profile(self, holders: dict[int, Use], autograd_nodes: int, node_order, mode) -> MemoryProfile:
+        """Keep the storages some autograd node still holds; name the nodes that read each."""
+        if self.saves and not holders:   # outputs autograd cannot walk: keep every save
+            holders = {i: Use("?", ()) for i in range(len(self.saves))}
+        events, uses = [], {}
+        for i, (node, ordinal, shape, dtype, index) in enumerate(self.saves):
+            if i in holders:
+                events.append(SaveEvent(node, ordinal, holders[i].op, shape, dtype, index))
+                uses.setdefault(index, []).append(holders[i])
+        tensors = tuple(SavedTensor(**dict(f, uses=tuple(uses[f["index"]])))
+                        for f in self.first if f["index"] in uses)
+        return MemoryProfile(tensors=tensors, events=tuple(events), node_order=tuple(node_order), mode=mode,
+                             autograd_nodes=autograd_nodes, node_inputs=self._inputs())
+
+
+def _has_unknown_workspace(profile: MemoryProfile) -> bool:
+    """An empty saved activation on FakeTensors: a meta kernel that cannot know a backend's
+    workspace size (oneDNN's LSTM saves a ~1 MB uint8 workspace its meta kernel reports as 0)."""
+    return any(t.nbytes == 0 for t in profile.tensors if t.is_activation)
+
+
+def profile_memory(gm: torch.fx.GraphModule, example_inputs, *, mode: str = "auto") -> MemoryProfile:
+    """The :class:`MemoryProfile` of one forward of ``gm`` on ``example_inputs``.
+
+    ``mode="fake"`` runs on FakeTensors, ``"real"`` on the real inputs (dropping saved tensors at
+    once), ``"auto"`` (default) fake unless the graph branches on data or a meta kernel cannot
+    tell the size of what its op saves (an empty saved workspace).
+    """
+    if mode not in ("auto", "fake", "real"):
+        raise ValueError(f"profile_memory(mode={mode!r}): accepted are 'auto', 'fake', 'real'")
+    from actcompile import meta
+
+    args, kwargs = normalize_inputs(gm, example_inputs)
+    flat = flatten_inputs(gm, args, kwargs)
+    opaque = {n.name for n in gm.graph.nodes if meta.is_opaque(n)}
+    for attempt in (("fake", "real") if mode == "auto" else (mode,)):
+        collector = _Collector(opaque)
+        try:
+            holders, autograd_nodes = record_saves(gm, flat, collector, fake=attempt == "fake",
+                                                   on_node=collector.node_args)
+        except Exception as err:
+            if attempt == "fake" and mode == "auto" and _is_data_dependent(err):
+                continue
+            raise
+        profile = collector.profile(holders, autograd_nodes, (n.name for n in gm.graph.nodes), attempt)
+        if attempt == "fake" and mode == "auto" and _has_unknown_workspace(profile):
+            continue
+        return profile
+    raise AssertionError("unreachable")

@@ -1,0 +1,140 @@
+"""Which saved tensors may be compressed, and with which codecs: the never-compress rules.
+
+Never compressed: parameters, buffers, the model's inputs (the caller holds them anyway),
+integer and bool tensors, and tensors below the size floor. Each gets a :class:`~actcompile.plan.Skip` with its reason.
+
+A codec may have ``exact_for(uses)``: the variant of itself that is lossless for those backward
+uses even though it does not reproduce the values (``mask`` keeps only ``x > 0``, all ReLU's
+backward reads), or ``None``. Such a codec is offered for a tensor only in that variant, or
+where its measured error on the tensor is exactly zero (a two-valued tensor such as CPU
+dropout noise); never inside an opaque node, whose uses may differ from call to call.
+
+>>> from actcompile.codecs import get_codec
+>>> from actcompile.plan import Use
+>>> exact_for_use(get_codec("mask"), (Use("ReluBackward0"),))
+True
+>>> exact_for_use(get_codec("mask"), (Use("ReluBackward0"), Use("ConvolutionBackward0")))
+False
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from actcompile.codecs.base import TensorSpec
+from actcompile.config import CompileConfig
+from actcompile.plan import MemoryProfile, SavedTensor, Skip, SkipReason, TensorKind
+
+_KIND_REASON = {
+    TensorKind.PARAMETER: SkipReason.PARAMETER,
+    TensorKind.BUFFER: SkipReason.BUFFER,
+    TensorKind.INPUT: SkipReason.INPUT,
+}
+
+
+def spec_of(t: SavedTensor) -> TensorSpec:
+    """The spec of what a codec packs for ``t`` (see :func:`actcompile.runtime.packable_view`)."""
+    return TensorSpec(t.packed_shape, getattr(torch, t.dtype))
+
+
+def exact_for_use(codec, uses) -> bool:
+    """True if every backward in ``uses`` reads only what ``codec`` keeps exactly."""
+    exact_for = getattr(codec, "exact_for", None)
+    return exact_for is not None and bool(uses) and exact_for(uses) == codec
+
+
+def recomputable(node: torch.fx.Node) -> bool:
+    """Can ``node`` run again in backward with the same result and no side effect?
+
+    Modules with buffers (BatchNorm's running statistics would update twice) or ``inplace=True``,
+    mutating ATen ops, and Python callables outside torch are not.
+    """
+    if node.op == "call_module":
+        module = node.graph.owning_module.get_submodule(node.target)
+        return (next(module.buffers(), None) is None
+                and not any(getattr(m, "inplace", False) for m in module.modules()))
+    if node.op == "call_function":
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload):
+            return not target._schema.is_mutable
+        module = getattr(target, "__module__", "") or ""
+        name = getattr(target, "__name__", "")
+        return (module.startswith("torch") and not name.endswith("_")
+                and not node.kwargs.get("inplace", False))
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class RecomputeCandidate:
+    """A node whose saved tensors no codec can shrink enough, and what recomputing it costs."""
+
+    node: str
+    internal: tuple[SavedTensor, ...]   # storages only this node saves: freed if it is recomputed
+    bytes_before: int
+    bytes_after: int                    # its arguments, held raw for the recomputation instead
+    arguments: tuple[int, ...]          # storage indices of its activation arguments (kept exact)
+
+
+def recompute_candidates(profile: MemoryProfile, config: CompileConfig) -> list[RecomputeCandidate]:
+    """Recomputable nodes holding ≥ ``min_tensor_bytes`` that no codec may touch (int64 max-pool
+    indices, oneDNN's uint8 LSTM workspace, bool dropout masks), where recomputing saves bytes."""
+    savers: dict[int, set[str]] = {}
+    for e in profile.events:
+        savers.setdefault(e.storage, set()).add(e.node)
+    by_index = {t.index: t for t in profile.tensors}
+    out = []
+    for node, args in profile.node_inputs:
+        internal = tuple(t for t in profile.tensors if t.is_activation and savers[t.index] == {node})
+        stuck = sum(t.nbytes for t in internal if not getattr(torch, t.dtype).is_floating_point)
+        if stuck < max(config.min_tensor_bytes, 1):
+            continue
+        # Arguments are held raw for the recomputation (a lossy copy could change, say, which
+        # element a max-pool picks): count them whole, even where a codec would have shrunk them.
+        held = {}
+        for k, (index, nbytes) in enumerate(args):
+            if index < 0:
+                held[-k - 1] = nbytes                       # not saved by anyone else
+            elif by_index.get(index) is not None and by_index[index].is_activation:
+                held[index] = nbytes
+        before = sum(t.nbytes for t in internal)
+        after = sum(held.values())
+        if after < before:
+            arguments = tuple(i for i in held if i >= 0 and i not in {t.index for t in internal})
+            out.append(RecomputeCandidate(node, internal, before, after, arguments))
+    return out
+
+
+def split_candidates(profile: MemoryProfile, config: CompileConfig) -> tuple[list[SavedTensor], list[Skip]]:
+    """The saved tensors a plan may compress, and a Skip for every other one."""
+    candidates, skips = [], []
+    for t in profile.tensors:
+        if t.kind in _KIND_REASON:
+            skips.append(Skip(t.node, t.ordinal, _KIND_REASON[t.kind], t.kind.value, t.nbytes))
+        elif not getattr(torch, t.dtype).is_floating_point:
+            skips.append(Skip(t.node, t.ordinal, SkipReason.NOT_FLOAT, t.dtype, t.nbytes))
+        elif t.nbytes < config.min_tensor_bytes:
+            skips.append(Skip(t.node, t.ordinal, SkipReason.TOO_SMALL,
+                              f"{t.nbytes} B < min_tensor_bytes={config.min_tensor_bytes}", t.nbytes))
+        else:
+            candidates.append(t)
+    return candidates, skips
+
+
+def codec_choices(t: SavedTensor, config: CompileConfig) -> list:
+    """Every codec instance the policy may try on ``t`` (variable-rate ones at each ε of the ladder)."""
+    spec = spec_of(t)
+    choices = []
+    for codec in config.codecs:
+        if not codec.supports(spec):
+            continue
+        if hasattr(codec, "exact_for"):
+            if t.opaque:
+                continue
+            codec = codec.exact_for(t.uses) or codec   # else kept only if measured exact
+        if codec.fixed_rate or codec.epsilon is not None:
+            choices.append(codec)
+        else:
+            choices.extend(dataclasses.replace(codec, epsilon=eps) for eps in config.epsilons)
+    return choices
