@@ -79,6 +79,8 @@ def parse_budget(budget) -> Budget:
         if not match or unit not in _UNITS:
             raise ValueError(f"budget={budget!r} is not a size; {_ACCEPTED}")
         value = float(match.group(1)) * _UNITS[unit]
+        if value <= 0:
+            raise ValueError(f"budget={budget!r} must be positive; {_ACCEPTED}")
         if value < 1:
             raise ValueError(f"budget={budget!r} must be at least one byte; {_ACCEPTED}")
         return Budget(bytes=int(value))

@@ -264,7 +264,7 @@ class Plan:
                    assignments=tuple(assignment(a) for a in r["assignments"]))
             for r in data["regions"]
         )
-        skipped = tuple(Skip(**dict(s, reason=SkipReason[s["reason"]])) for s in data["skipped"])
+        skipped = tuple(Skip(**dict(s, reason=SkipReason(s["reason"]))) for s in data["skipped"])
         return cls(budget_bytes=data["budget_bytes"], baseline_bytes=data["baseline_bytes"],
                    regions=regions, skipped=skipped)
 

@@ -121,7 +121,7 @@ def _quiet():
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             yield
     finally:
         logger.setLevel(level)
@@ -245,6 +245,33 @@ def annotate_values(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> None
         _RealToFake(gm).run(*flat)
 
 
+def check_runs(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Raise :class:`InputMismatchError` if ``model`` cannot run on these inputs at all.
+
+    Tried on FakeTensors first (free); if that fails for a reason other than the inputs (a
+    data-dependent branch, an op without a meta kernel), on the real inputs without grad.
+    """
+    from actcompile.runtime import preserved_state
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    try:
+        with mode, torch.no_grad():
+            fake = torch.utils._pytree.tree_map_only(torch.Tensor, mode.from_tensor, (args, kwargs))
+            model(*fake[0], **fake[1])
+        return
+    except Exception:
+        pass
+    try:
+        with preserved_state(model), torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as err:
+        shapes = [tuple(t.shape) for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        raise InputMismatchError(
+            f"{type(model).__name__} cannot run on the example inputs (shapes {shapes}): {type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}"
+        ) from err
+
+
 # -- entry point ----------------------------------------------------------------------------
 def _user_frame(err: BaseException) -> str:
     """The innermost source line outside torch/actcompile where the exception was raised."""
@@ -265,17 +292,21 @@ def trace_module(model: torch.nn.Module, example_inputs) -> torch.fx.GraphModule
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"trace_module needs an nn.Module, got {type(model).__name__}")
+    from actcompile.runtime import preserved_state
+
     args, kwargs = normalize_inputs(model, example_inputs)
     failures = []
-    for name, capture in _CAPTURES:
-        try:
-            gm = capture(model, args, kwargs)
-            annotate_values(gm, args, kwargs)
-            return gm
-        except InputMismatchError:
-            raise
-        except Exception as err:  # each capture fails in its own way; the next one may not
-            failures.append((name, err))
+    with preserved_state(model):   # tracing runs the model; its buffers and the RNG stay as they were
+        check_runs(model, args, kwargs)
+        for name, capture in _CAPTURES:
+            try:
+                gm = capture(model, args, kwargs)
+                annotate_values(gm, args, kwargs)
+                return gm
+            except InputMismatchError:
+                raise
+            except Exception as err:  # each capture fails in its own way; the next one may not
+                failures.append((name, err))
     lines = [f"could not capture {type(model).__name__} as a graph:"]
     for name, err in failures:
         lines.append(f"  {name}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"

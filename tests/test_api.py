@@ -1,0 +1,269 @@
+"""The invariants of DESIGN.md, each on the rewritten module."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from actcompile import BudgetError, CodecError, Plan, actcompile, explain
+from actcompile import runtime
+from actcompile.zoo import build
+
+
+def small_cnn():
+    model, x = build("inplace_cnn")
+    return model, x
+
+
+def hooks_installed():
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
+def test_forward_bit_identical_with_dropout_and_same_rng_stream():
+    model, x = small_cnn()
+    compiled = actcompile(model, budget=0.25, example_inputs=x)
+    torch.manual_seed(7)
+    a = model(x)
+    after_a = torch.randn(3)
+    torch.manual_seed(7)
+    b = compiled(x)
+    after_b = torch.randn(3)
+    assert torch.equal(a, b)
+    assert torch.equal(after_a, after_b), "compression consumed global random numbers"
+    assert compiled.last_stats.packed_tensors > 0
+
+
+def test_parameters_shared_and_state_dict_identical():
+    model, x = small_cnn()
+    compiled = actcompile(model, budget=0.25, example_inputs=x)
+    assert [id(p) for p in compiled.parameters()] == [id(p) for p in model.parameters()]
+    ours, theirs = compiled.state_dict(), model.state_dict()
+    assert list(ours) == list(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_optimizer_on_original_parameters_trains_the_result():
+    model, x = small_cnn()
+    reference = copy.deepcopy(model)
+    compiled = actcompile(model, budget=0.25, example_inputs=x)
+    target = torch.randint(0, 10, (x.shape[0],), generator=torch.Generator().manual_seed(0))
+
+    def train(net, params):
+        optimizer = torch.optim.SGD(params, lr=0.02)
+        for step in range(4):
+            optimizer.zero_grad()
+            torch.manual_seed(step)
+            nn.functional.cross_entropy(net(x), target).backward()
+            optimizer.step()
+
+    start = [p.detach().clone() for p in model.parameters()]
+    train(reference, reference.parameters())
+    train(compiled, model.parameters())        # the optimizer holds the original's parameters
+    ours = torch.cat([(p.detach() - p0).flatten() for p, p0 in zip(model.parameters(), start)])
+    theirs = torch.cat([(p.detach() - p0).flatten() for p, p0 in zip(reference.parameters(), start)])
+    assert ours.norm() > 0, "the optimizer did not move the compiled module's parameters"
+    cosine = torch.nn.functional.cosine_similarity(ours, theirs, dim=0).item()
+    assert cosine > 0.99, f"update direction cosine {cosine:.4f} vs uncompressed training"
+
+
+def test_model_itself_is_not_modified():
+    model, x = small_cnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules_before = dict(model.named_modules())
+    actcompile(model, budget=0.25, example_inputs=x)
+    assert dict(model.named_modules()) == modules_before
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "planning changed buffers"
+
+
+class _Fails(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(64, 64)
+        self.fail = False
+
+    def forward(self, x):
+        y = torch.relu(self.lin(x))
+        return self.lin(torch.tanh(y)) if not self.fail else self.lin(y[:, :3])
+
+
+def test_no_hooks_left_when_the_forward_raises():
+    model = _Fails()
+    x = torch.randn(256, 64)
+    compiled = actcompile(model, budget=0.3, example_inputs=x)
+    assert compiled.plan.regions
+    model.fail = True
+    compiled._compiled.clear()   # the graph was traced with fail=False; force the failing path
+    compiled._plans.clear()
+    with pytest.raises(Exception):
+        compiled(x)
+    assert not hooks_installed()
+    assert runtime._session() is None
+
+
+def test_no_codec_work_in_eval_or_no_grad(monkeypatch):
+    model, x = small_cnn()
+    compiled = actcompile(model, budget=0.25, example_inputs=x)
+    calls = []
+    monkeypatch.setattr(runtime._Session, "pack", lambda self, t: calls.append(1) or t)
+    with torch.no_grad():
+        compiled(x)
+    compiled.eval()
+    compiled(x)
+    assert calls == []
+    assert not model.training, "eval() must reach the wrapped model"
+    compiled.train()
+    compiled(x)
+    assert calls, "training forward should pack"
+
+
+def test_deepcopy_and_pickle_roundtrip():
+    model, x = small_cnn()
+    compiled = actcompile(model, budget=0.25, example_inputs=x)
+    torch.manual_seed(0)
+    expected = compiled(x)
+    for clone in (copy.deepcopy(compiled), pickle.loads(pickle.dumps(compiled))):
+        assert clone.plan == compiled.plan
+        assert list(clone.state_dict()) == list(compiled.state_dict())
+        torch.manual_seed(0)
+        out = clone(x)
+        assert torch.equal(out, expected)
+        assert clone.last_stats.packed_tensors == compiled.last_stats.packed_tensors
+        assert {id(p) for p in clone.parameters()}.isdisjoint({id(p) for p in model.parameters()})
+
+
+def test_storage_saved_by_two_ops_is_packed_once():
+    model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 8))   # ReLU output: saved by ReLU and Linear
+    x = torch.randn(512, 128)
+    compiled = actcompile(model, budget=0.3, example_inputs=x, codecs=["int8", "int4"])
+    (assignment,) = compiled.plan.assignments
+    compiled(x).sum().backward()
+    stats = compiled.last_stats
+    assert stats.packed_tensors == 1
+    assert stats.raw_bytes_replaced == 512 * 256 * 4
+    assert stats.packed_bytes == assignment.bytes_after
+
+
+def test_replans_per_input_signature():
+    model, x = small_cnn()
+    compiled = actcompile(model, budget=0.25)
+    with pytest.raises(RuntimeError, match="not planned yet"):
+        compiled.plan
+    compiled(x)
+    first = compiled.plan
+    bigger = torch.randn(8, 3, 48, 48)
+    compiled(bigger)
+    assert compiled.plan.baseline_bytes > first.baseline_bytes
+    compiled(x)
+    assert compiled.plan == first
+    assert len(compiled._plans) == 2
+
+
+def test_explain_returns_plan_and_rewrites_nothing():
+    model, x = small_cnn()
+    plan = explain(model, x, budget="1MB")
+    assert isinstance(plan, Plan)
+    assert plan.budget_bytes == 10**6 and plan.planned_bytes <= plan.budget_bytes
+    assert type(model).forward is type(model).__dict__["forward"]
+    text = str(plan)
+    assert "codec" in text and "baseline" in text and "budget" in text
+    assert Plan.from_json(plan.to_json()) == plan
+
+
+def test_budget_already_met_compresses_nothing():
+    model, x = small_cnn()
+    plan = explain(model, x, budget=1.0)
+    assert plan.regions == () and plan.planned_bytes == plan.baseline_bytes
+    assert all(s.reason.name != "NOT_NEEDED" or s.nbytes > 0 for s in plan.skipped)
+
+
+def test_impossible_budget_names_smallest_achievable():
+    model, x = small_cnn()
+    with pytest.raises(BudgetError) as info:
+        explain(model, x, budget="10KB")
+    assert info.value.smallest_bytes > 10_000
+    assert str(info.value.smallest_bytes) in str(info.value)
+
+
+def test_never_compressed_tensors_get_skips_with_reasons():
+    model, x = build("resnet18")
+    plan = explain(model, x, budget=0.25)
+    reasons = {s.reason.name for s in plan.skipped}
+    assert {"PARAMETER", "BUFFER", "INPUT", "NOT_FLOAT", "TOO_SMALL"} <= reasons
+    compressed = {(a.node, a.ordinal) for a in plan.assignments}
+    assert not compressed & {(s.node, s.ordinal) for s in plan.skipped if s.reason.name != "NOT_NEEDED"}
+
+
+def test_unknown_codec_and_bad_arguments():
+    model, x = small_cnn()
+    with pytest.raises(CodecError, match="unknown codec 'lz4'; available"):
+        actcompile(model, budget="1GB", codecs=["int8", "lz4"])
+    with pytest.raises(TypeError, match="nn.Module"):
+        actcompile(lambda t: t, budget="1GB")
+    with pytest.raises(ValueError, match="accepted"):
+        actcompile(model, budget="lots")
+
+
+def test_keyword_and_positional_calls():
+    model, x = build("bert")
+    compiled = actcompile(model, budget=0.5)
+    out = compiled(input_ids=x)
+    torch.manual_seed(0)
+    assert out.logits.shape[:2] == x.shape
+    assert compiled.plan.planned_bytes <= compiled.plan.budget_bytes
+
+
+def test_lstm_workspace_is_recomputed_exactly():
+    from actcompile.measure import compare_gradients, forward_backward
+
+    model, x = build("lstm")
+    compiled = actcompile(model, budget=0.25, example_inputs=x)
+    assert [r.codec for r in compiled.plan.regions] == ["recompute"]
+    _, ref = forward_backward(model, x)
+    _, got = forward_backward(compiled, x)
+    cosine, rel = compare_gradients(ref, got)
+    assert rel < 1e-5, f"recompute changed gradients: rel err {rel:.3g}"
+
+
+def test_branch_not_taken_at_planning_time_still_runs_correctly():
+    from actcompile.measure import compare_gradients, forward_backward
+
+    model, _ = build("branchy")
+    bright, dark = torch.rand(4, 3, 32, 32), -torch.rand(4, 3, 32, 32)
+    compiled = actcompile(model, budget=0.3, example_inputs=bright)
+    ref_out, ref = forward_backward(model, dark)
+    out, got = forward_backward(compiled, dark)
+    assert torch.equal(out, ref_out)
+    assert compare_gradients(ref, got)[0] > 0.999
+
+
+class _ShapeBranch(nn.Module):
+    """The other branch saves tensors of other shapes: the plan's guards must notice."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 32, 3, padding=1), nn.Linear(32, 4)
+
+    def forward(self, x):
+        if x.mean() > 0:
+            h = torch.relu(self.conv(x))
+        else:
+            h = torch.relu(self.conv(nn.functional.avg_pool2d(x, 2)))
+        return self.head(torch.tanh(h).mean(dim=(2, 3)))
+
+
+def test_guard_failure_keeps_tensors_raw_then_replans():
+    from actcompile.measure import compare_gradients, forward_backward
+
+    model = _ShapeBranch()
+    bright, dark = torch.rand(4, 3, 32, 32), -torch.rand(4, 3, 32, 32)
+    compiled = actcompile(model, budget=0.3, example_inputs=bright)
+    ref_out, ref = forward_backward(model, dark)
+    with pytest.warns(RuntimeWarning, match="re-plans"):
+        out, got = forward_backward(compiled, dark)
+    assert torch.equal(out, ref_out)
+    assert compare_gradients(ref, got)[1] < 1e-6, "tensors the guard rejected must be kept exact"
+    out, got = forward_backward(compiled, dark)   # re-planned for this branch: compresses again
+    assert compiled.last_stats.guard_failures == 0 and compiled.last_stats.packed_tensors > 0
+    assert compare_gradients(ref, got)[0] > 0.999

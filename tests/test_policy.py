@@ -1,0 +1,115 @@
+import pytest
+
+from actcompile.codecs import get_codec
+from actcompile.config import CompileConfig, parse_budget
+from actcompile.errors import BudgetError
+from actcompile.passes.policy import choose_plan
+from actcompile.passes.solvers import Option, choose_options
+from actcompile.plan import MemoryProfile, SavedTensor, SaveEvent, SkipReason, TensorKind, Use
+
+MB = 2**20
+
+
+def tensor(i, node, nbytes=MB, dtype="float32", kind=TensorKind.ACTIVATION, uses=("AddmmBackward0",)):
+    shape = (nbytes // 4,)
+    return SavedTensor(i, node, 0, shape, dtype, nbytes, kind, tuple(Use(u) for u in uses), shape)
+
+
+def make_profile(*tensors):
+    events = tuple(SaveEvent(t.node, t.ordinal, t.ops[0], t.shape, t.dtype, t.index) for t in tensors)
+    return MemoryProfile(tensors=tensors, events=events, node_order=tuple(t.node for t in tensors))
+
+
+def config(budget, **kw):
+    return CompileConfig(budget=parse_budget(budget), reserve_bytes_per_node=0, reserve_bytes_per_packed=0,
+                         **kw)
+
+
+def calib(profile, errors):
+    """errors: codec name -> error, the same for every tensor; bytes from packed_nbytes."""
+    from actcompile.passes.rules import codec_choices, spec_of
+
+    out = {}
+    for t in profile.tensors:
+        choices = codec_choices(t, config(1.0))
+        out[(t.node, t.ordinal)] = [(c, errors[c.name], c.packed_nbytes(spec_of(t))) for c in choices]
+    return out
+
+
+ERRORS = {"mask": 1.2, "int8": 0.004, "int4": 0.07, "int2": 0.4}
+
+
+def test_plan_fits_budget_with_least_error():
+    profile = make_profile(tensor(0, "a"), tensor(1, "b"), tensor(2, "c"))
+    plan = choose_plan(profile, config(0.5), calib(profile, ERRORS))
+    assert plan.planned_bytes <= plan.budget_bytes
+    assert {a.codec for a in plan.assignments} == {"int8"}   # the least-error way to halve
+    assert len(plan.regions) == 1 and plan.regions[0].nodes == ("a", "b", "c")
+
+
+def test_tighter_budget_moves_to_fewer_bits():
+    profile = make_profile(tensor(0, "a"), tensor(1, "b"), tensor(2, "c"))
+    plan = choose_plan(profile, config(0.2), calib(profile, ERRORS))
+    assert plan.planned_bytes <= plan.budget_bytes
+    assert "int4" in {a.codec for a in plan.assignments}
+
+
+def test_lossless_mask_first_where_backward_reads_only_the_sign():
+    profile = make_profile(tensor(0, "relu", uses=("ReluBackward0",)), tensor(1, "lin"))
+    plan = choose_plan(profile, config(0.6), calib(profile, ERRORS))
+    by_node = {a.node: a for a in plan.assignments}
+    assert by_node["relu"].codec == "mask" and by_node["relu"].error == 0.0
+    assert "lin" not in by_node or by_node["lin"].codec != "mask"   # mask would lose values Addmm reads
+
+
+def test_budget_met_compresses_nothing():
+    profile = make_profile(tensor(0, "a"))
+    plan = choose_plan(profile, config("2MiB"), calib(profile, ERRORS))
+    assert plan.regions == () and plan.planned_bytes == MB
+    assert [s.reason for s in plan.skipped] == [SkipReason.NOT_NEEDED]
+
+
+def test_infeasible_budget_reports_smallest_bytes():
+    profile = make_profile(tensor(0, "a"), tensor(1, "idx", dtype="int64"))
+    with pytest.raises(BudgetError) as info:
+        choose_plan(profile, config(0.2), calib(profile, ERRORS))
+    from actcompile.passes.rules import spec_of
+
+    smallest = info.value.smallest_bytes
+    assert smallest == MB + get_codec("int2").packed_nbytes(spec_of(tensor(0, "a")))   # int64 + the int2 float
+    assert f"{smallest} B" in str(info.value)
+
+
+def test_never_compressed_kinds_get_skips():
+    profile = make_profile(tensor(0, "w", kind=TensorKind.PARAMETER), tensor(1, "b", kind=TensorKind.BUFFER),
+                           tensor(2, "x", kind=TensorKind.INPUT), tensor(3, "i", dtype="int64"),
+                           tensor(4, "tiny", nbytes=1024), tensor(5, "big"))
+    plan = choose_plan(profile, config("1.5MB"), calib(profile, ERRORS))
+    reasons = {s.node: s.reason for s in plan.skipped}
+    assert reasons == {"w": SkipReason.PARAMETER, "b": SkipReason.BUFFER, "x": SkipReason.INPUT,
+                       "i": SkipReason.NOT_FLOAT, "tiny": SkipReason.TOO_SMALL}
+    assert [a.node for a in plan.assignments] == ["big"]
+
+
+def test_solver_is_fast_on_resnet50_sized_problems():
+    import random
+    import time
+
+    rng = random.Random(0)
+    items = [[Option(n, 0.0)] + [Option(n // d, rng.random() * e) for d, e in ((4, 0.01), (8, 0.1), (16, 0.5))]
+             for n in (rng.randint(10**4, 10**7) for _ in range(500))]
+    start = time.perf_counter()
+    choice = choose_options(items, sum(o[0].nbytes for o in items) // 6)
+    assert choice is not None
+    assert sum(items[k][c].nbytes for k, c in enumerate(choice)) <= sum(o[0].nbytes for o in items) // 6
+    assert time.perf_counter() - start < 5.0   # generous: a ratio-free sanity bound, not a benchmark
+
+
+def test_plan_is_pure_and_json_roundtrips():
+    from actcompile.plan import Plan
+
+    profile = make_profile(tensor(0, "a"), tensor(1, "b", uses=("ReluBackward0",)))
+    c = calib(profile, ERRORS)
+    first, second = choose_plan(profile, config(0.3), c), choose_plan(profile, config(0.3), c)
+    assert first == second
+    assert Plan.from_json(first.to_json()) == first
