@@ -182,7 +182,10 @@ class ActCompiledModule(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self.__dict__["_original"], name)
+            original = self.__dict__.get("_original")
+            if original is None:   # mid-unpickling: nothing to fall back to yet
+                raise
+            return getattr(original, name)
 
     def __getstate__(self):
         state = self.__dict__.copy()

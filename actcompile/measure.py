@@ -110,7 +110,9 @@ def measure_model(name: str, budget, *, steps_for_time: int = 3) -> dict:
         call(model, inputs)
     predicted = profile_memory(trace_module(model, inputs), inputs).baseline_bytes
     measured = kept_by_forward(model, inputs)
+    start = time.perf_counter()
     compiled = actcompile(model, budget=budget, example_inputs=inputs)
+    plan_seconds = time.perf_counter() - start
     measured_compressed = kept_by_forward(compiled, inputs)
 
     ref_out, ref_grads = forward_backward(model, inputs)
@@ -129,8 +131,14 @@ def measure_model(name: str, budget, *, steps_for_time: int = 3) -> dict:
                 budget_bytes=plan.budget_bytes, planned_bytes=plan.planned_bytes,
                 measured_compressed_bytes=measured_compressed,
                 forward_max_abs_diff=max_output_difference(ref_out, out),
-                grad_cosine=cosine, grad_rel_error=rel, step_time_ratio=t_cmp / t_ref,
+                grad_cosine=cosine, grad_rel_error=rel, step_time_ratio=t_cmp / t_ref, plan_seconds=plan_seconds,
                 regions=len(plan.regions), codecs=sorted({r.codec for r in plan.regions}))
+
+
+class MeasureError(RuntimeError):
+    def __init__(self, message: str, stderr: str):
+        super().__init__(message)
+        self.stderr = stderr
 
 
 def run_isolated(name: str, budget, timeout: float = 600) -> dict:
@@ -139,7 +147,7 @@ def run_isolated(name: str, budget, timeout: float = 600) -> dict:
     proc = subprocess.run([sys.executable, "-m", "actcompile.measure", name, "--budget", str(budget)],
                           capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"measuring {name} failed:\n{proc.stderr[-4000:]}")
+        raise MeasureError(f"measuring {name} failed:\n{proc.stderr[-4000:]}", proc.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

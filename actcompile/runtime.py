@@ -32,6 +32,8 @@ import torch.utils.checkpoint
 from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from actcompile.codecs.base import packed_bytes
+
 
 @dataclasses.dataclass(frozen=True)
 class Planned:
@@ -108,17 +110,9 @@ class _Session:
         holder = _PackedStorage(planned.codec, payload, tuple(whole.shape), whole.stride())
         self.packed[key.cdata] = (key, holder)
         self.stats.packed_tensors += 1
-        self.stats.packed_bytes += _payload_bytes(payload)
+        self.stats.packed_bytes += packed_bytes(payload)
         self.stats.raw_bytes_replaced += storage.nbytes()
         return (holder, tuple(t.shape), t.stride(), t.storage_offset())
-
-
-def _payload_bytes(payload) -> int:
-    if isinstance(payload, torch.Tensor):
-        return payload.untyped_storage().nbytes()
-    if isinstance(payload, (tuple, list)):
-        return sum(_payload_bytes(p) for p in payload)
-    return 0
 
 
 def _unpack(saved):

@@ -132,6 +132,14 @@ def _torchvision(name, batch, size, **kwargs):
     return make
 
 
+def _vit_small():
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(image_size=64, patch_size=8, num_layers=6, num_heads=6, hidden_dim=384,
+                              mlp_dim=1536, num_classes=10)
+    return model, _image(16, 64)
+
+
 REGISTRY = {
     "resnet18": _torchvision("resnet18", 8, 64, num_classes=10),
     "resnet50": _torchvision("resnet50", 2, 64, num_classes=10),
@@ -144,6 +152,10 @@ REGISTRY = {
     "inplace_cnn": lambda: (InplaceCNN(), _image(4, 32)),
     "branchy": lambda: (BranchyNet(), _image(4, 32).abs()),
     "gpt2_small": _gpt2_small,
+    # benchmark shapes (benchmarks/memory.py)
+    "resnet18_b32": _torchvision("resnet18", 32, 64, num_classes=10),
+    "mobilenet_v2_b16": _torchvision("mobilenet_v2", 16, 96, num_classes=10),
+    "vit_small": _vit_small,
 }
 TRACE_SUITE = ("resnet18", "resnet50", "mobilenet_v2", "vit_b_16", "unet", "gpt2", "bert", "lstm",
                "inplace_cnn", "branchy")

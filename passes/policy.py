@@ -110,7 +110,8 @@ def choose_plan(profile: MemoryProfile, config: CompileConfig,
             skips.append(Skip(t.node, t.ordinal, SkipReason.NOT_NEEDED, "argument of a recomputed node", t.nbytes))
             continue
         if codec is None:
-            skips.append(Skip(t.node, t.ordinal, SkipReason.NOT_NEEDED, "", t.nbytes))
+            reason = SkipReason.NOT_NEEDED if len(opts) > 1 else SkipReason.NO_CODEC
+            skips.append(Skip(t.node, t.ordinal, reason, "", t.nbytes))
             continue
         assignments.append(Assignment(node=t.node, ordinal=t.ordinal, codec=codec.name,
                                       options=codec_options(codec), epsilon=codec.epsilon,
