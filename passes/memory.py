@@ -1,13 +1,15 @@
 """Which tensors autograd saves for backward, attributed to the node whose op saved them, in bytes.
 
-``profile_memory`` runs the graph forward on FakeTensors (no real activation memory) inside
-``saved_tensors_hooks`` and a dispatch mode that remembers the last ATen op, so every call of
-the pack hook is recorded as a :class:`~actcompile.plan.SaveEvent` ``(node, ordinal, op, shape,
-dtype, storage)``. Saves are deduplicated by storage (a tensor saved by two ops, or two views of
-one storage, count once); parameters, buffers and the model's inputs are marked and excluded
-from activation bytes. Where an opaque node branches on data and cannot run on FakeTensors,
-the profile runs on the real inputs instead, dropping every saved tensor as soon as it is
-recorded (so it still holds no activations) and restoring buffers and RNG afterwards.
+``profile_memory`` runs the graph forward node by node on FakeTensors (no real activation
+memory) inside ``saved_tensors_hooks``, so every call of the pack hook is recorded against the
+node running it as a :class:`~actcompile.plan.SaveEvent` ``(node, ordinal, op, shape, dtype,
+storage)``. Afterwards it walks the autograd graph the outputs hold: that names the backward
+formula reading each save (``op``) and drops saves nothing holds any more. Saves are
+deduplicated by storage (a tensor saved by two ops, or two views of one storage, count once);
+parameters, buffers and the model's inputs are marked and excluded from activation bytes.
+Where an opaque node branches on data, or a meta kernel cannot know what its op saves, the
+profile runs on the real inputs instead, dropping every saved tensor as soon as it is recorded
+(so it still holds no activations) and restoring buffers and RNG afterwards.
 
 >>> import torch
 >>> from actcompile.passes.trace import trace_module
@@ -35,7 +37,7 @@ from torch.utils._pytree import tree_leaves
 from actcompile.plan import MemoryProfile, SavedTensor, SaveEvent, TensorKind, Use
 from actcompile.runtime import packable_view, preserved_state
 from actcompile.passes.rules import recomputable
-from actcompile.passes.trace import _is_data_dependent, flatten_inputs, normalize_inputs
+from actcompile.passes.trace import is_data_dependent, flatten_inputs, normalize_inputs
 
 
 class _SaveRecorder(torch.fx.Interpreter):
@@ -77,8 +79,8 @@ def record_saves(gm: torch.fx.GraphModule, flat_inputs: list, on_save, *, fake: 
 
     ``kind`` says whether the saved storage is a parameter, buffer, model input or activation.
     On FakeTensors, parameters and buffers are swapped for fakes through ``functional_call``.
-    Returns ``{save index: Use}`` (the autograd node reading it) for the saves the outputs' autograd graph still
-    holds at the end of the forward (see :func:`_saving_nodes`; other saves were released), and
+    Returns ``{save index: Use}`` (the autograd node reading it) for the saves the outputs'
+    autograd graph still holds at the end of the forward (see :func:`_saving_nodes`; other saves were released), and
     the number of autograd nodes in that graph.
     """
     recorder = _SaveRecorder(gm, None, on_node)
@@ -255,7 +257,7 @@ def profile_memory(gm: torch.fx.GraphModule, example_inputs, *, mode: str = "aut
             holders, autograd_nodes = record_saves(gm, flat, collector, fake=attempt == "fake",
                                                    on_node=collector.node_args)
         except Exception as err:
-            if attempt == "fake" and mode == "auto" and _is_data_dependent(err):
+            if attempt == "fake" and mode == "auto" and is_data_dependent(err):
                 continue
             raise
         profile = collector.profile(holders, autograd_nodes, (n.name for n in gm.graph.nodes), attempt)

@@ -213,7 +213,7 @@ _CAPTURES = (("symbolic_trace", _symbolic), ("torch.export", _export), ("opaque 
 
 
 # -- values ---------------------------------------------------------------------------------
-def _is_data_dependent(err: BaseException) -> bool:
+def is_data_dependent(err: BaseException) -> bool:
     text = f"{type(err).__name__}: {err}"
     return any(s in text for s in ("DataDependent", "data-dependent", "data dependent",
                                    "GuardOnDataDependent", "Unbacked", "item()"))
@@ -231,7 +231,7 @@ def annotate_values(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> None
         FakeTensorProp(gm, mode).propagate(*flat)
         return
     except Exception as err:
-        if not _is_data_dependent(err):
+        if not is_data_dependent(err):
             raise
     from actcompile.runtime import preserved_state
 

@@ -267,3 +267,29 @@ def test_guard_failure_keeps_tensors_raw_then_replans():
     out, got = forward_backward(compiled, dark)   # re-planned for this branch: compresses again
     assert compiled.last_stats.guard_failures == 0 and compiled.last_stats.packed_tensors > 0
     assert compare_gradients(ref, got)[0] > 0.999
+
+
+def test_epsilon_ladder_outside_open_unit_interval_is_rejected():
+    model, x = small_cnn()
+    with pytest.raises(ValueError, match=r"each epsilon must be in \(0, 1\)"):
+        actcompile(model, budget=0.25, example_inputs=x, epsilons=(0.1, 1.5))
+
+
+@pytest.mark.cuda
+def test_cuda_budget_on_device_memory():
+    model, x = build("resnet18")
+    model, x = model.cuda(), x.cuda()
+    compiled = actcompile(model, budget=0.25, example_inputs=x)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    out = compiled(x)
+    graph = out.grad_fn
+    del out
+    torch.cuda.synchronize()
+    kept = torch.cuda.memory_allocated() - before
+    assert kept <= compiled.plan.budget_bytes, f"kept {kept} B > budget {compiled.plan.budget_bytes} B"
+    del graph
+    torch.manual_seed(0)
+    a = model(x)
+    torch.manual_seed(0)
+    assert torch.equal(a, compiled(x))
