@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from actcompile.codecs import get_codec
-from actcompile.config import CompileConfig, parse_budget
+from actcompile.config import CompileConfig, default_codecs, parse_budget
 from actcompile.errors import CodecError
 from actcompile.passes.calibrate import calibrate
 from actcompile.passes.emit import CompressedGraphModule, emit_regions
@@ -51,7 +51,9 @@ def make_config(budget, codecs=None, **options) -> CompileConfig:
     unknown = set(options) - _OPTION_NAMES
     if unknown:
         raise TypeError(f"unknown option(s) {sorted(unknown)}; accepted: {sorted(_OPTION_NAMES)}")
-    if codecs is not None:
+    if codecs == "all":
+        codecs = default_codecs(everything=True)
+    elif codecs is not None:
         if isinstance(codecs, str) or not hasattr(codecs, "__iter__"):
             codecs = (codecs,)
         codecs = tuple(get_codec(c) for c in codecs)

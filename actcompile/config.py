@@ -88,7 +88,15 @@ def parse_budget(budget) -> Budget:
 
 
 DEFAULT_EPSILONS = (0.01, 0.05, 0.2, 0.45)
-DEFAULT_CODECS = ("mask", "int8", "int4", "int2")
+def default_codecs(everything: bool = False) -> tuple:
+    """The registered codecs the policy tries when none are named: those whose class says
+    ``default_enabled = True`` (the cheap quantizers and the mask), or all but ``none`` and
+    ``random`` with ``everything=True`` (``codecs="all"``): calibrating transform codecs costs a
+    transform per ε per saved tensor, so they are opt-in."""
+    from actcompile.codecs import available_codecs, get_codec
+
+    codecs = [get_codec(name) for name in available_codecs() if name not in ("none", "random")]
+    return tuple(c for c in codecs if everything or getattr(c, "default_enabled", False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,9 +124,7 @@ class CompileConfig:
         if not isinstance(self.budget, Budget):
             raise ValueError(f"CompileConfig.budget={self.budget!r}: must be a Budget (use parse_budget)")
         if not self.codecs:
-            from actcompile.codecs import get_codec
-
-            object.__setattr__(self, "codecs", tuple(get_codec(n) for n in DEFAULT_CODECS))
+            object.__setattr__(self, "codecs", default_codecs())
         if isinstance(self.codecs, (str, bytes)) or not all(hasattr(c, "pack") for c in self.codecs):
             raise ValueError(f"CompileConfig.codecs={self.codecs!r}: must be a tuple of codec instances")
         for eps in self.epsilons:

@@ -32,6 +32,7 @@ records, the packed values' tensor objects), so *measured* bytes stay under it.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 from actcompile.codecs.base import codec_options
@@ -113,6 +114,9 @@ def choose_plan(profile: MemoryProfile, config: CompileConfig,
             reason = SkipReason.NOT_NEEDED if len(opts) > 1 else SkipReason.NO_CODEC
             skips.append(Skip(t.node, t.ordinal, reason, "", t.nbytes))
             continue
+        if not codec.fixed_rate and getattr(codec, "max_bytes", 0) is None:
+            # another batch may need more bytes for the same ε: cap it at what was planned
+            codec = dataclasses.replace(codec, max_bytes=nbytes)
         assignments.append(Assignment(node=t.node, ordinal=t.ordinal, codec=codec.name,
                                       options=codec_options(codec), epsilon=codec.epsilon,
                                       bytes_before=t.nbytes, bytes_after=nbytes, error=error,

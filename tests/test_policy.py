@@ -20,9 +20,12 @@ def make_profile(*tensors):
     return MemoryProfile(tensors=tensors, events=events, node_order=tuple(t.node for t in tensors))
 
 
+CODECS = tuple(get_codec(n) for n in ("mask", "int8", "int4", "int2"))
+
+
 def config(budget, **kw):
-    return CompileConfig(budget=parse_budget(budget), reserve_bytes_per_node=0, reserve_bytes_per_packed=0,
-                         **kw)
+    return CompileConfig(budget=parse_budget(budget), codecs=CODECS, reserve_bytes_per_node=0,
+                         reserve_bytes_per_packed=0, **kw)
 
 
 def calib(profile, errors):
@@ -78,6 +81,20 @@ def test_infeasible_budget_reports_smallest_bytes():
     smallest = info.value.smallest_bytes
     assert smallest == MB + get_codec("int2").packed_nbytes(spec_of(tensor(0, "a")))   # int64 + the int2 float
     assert f"{smallest} B" in str(info.value)
+
+
+def test_variable_rate_choices_are_capped_at_their_planned_bytes():
+    profile = make_profile(tensor(0, "a"), tensor(1, "b"))
+    cfg = CompileConfig(budget=parse_budget(0.3), codecs=(get_codec("threshold"),), epsilons=(0.1, 0.3),
+                        reserve_bytes_per_node=0, reserve_bytes_per_packed=0)
+    from actcompile.passes.rules import codec_choices
+
+    calibration = {(t.node, t.ordinal): [(c, c.epsilon, int(MB * (0.5 if c.epsilon == 0.1 else 0.25)))
+                                         for c in codec_choices(t, cfg)] for t in profile.tensors}
+    plan = choose_plan(profile, cfg, calibration)
+    for a in plan.assignments:
+        assert dict(a.options)["max_bytes"] == a.bytes_after   # the runtime can never exceed the plan
+        assert a.epsilon == 0.3
 
 
 def test_never_compressed_kinds_get_skips():

@@ -1,14 +1,14 @@
 """The codec registry: one decorator, one lookup, one error that lists what exists.
 
 >>> from actcompile.codecs import available_codecs, get_codec
->>> {"none", "mask", "int8", "int4", "int2"} <= set(available_codecs())
+>>> {"none", "mask", "int8", "int4", "int2", "dct", "hosvd"} <= set(available_codecs())
 True
 >>> get_codec("int8", group_size=128).group_size
 128
 >>> get_codec("zstd")
 Traceback (most recent call last):
 ...
-actcompile.errors.CodecError: unknown codec 'zstd'; available: int2, int4, int8, mask, none
+actcompile.errors.CodecError: unknown codec 'zstd'; available: dct, fft_lowpass, fp8, hosvd, int2, int4, int8, mask, none, random, svd, threshold, wavelet
 
 Third-party codecs register through the entry-point group ``actcompile.codecs``: each entry
 point names a codec class, loaded the first time the registry is consulted.
@@ -70,4 +70,4 @@ def get_codec(name_or_instance, **options):
 
 
 # Built-in codecs register themselves on import.
-from actcompile.codecs import lossless, quantize  # noqa: E402,F401
+from actcompile.codecs import lossless, lowrank, quantize, sparse, transform, wavelet  # noqa: E402,F401

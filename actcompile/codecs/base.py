@@ -5,6 +5,12 @@ plan can be made on FakeTensors); ``pack`` returns a plain nested tuple of fresh
 Python constants (AOTAutograd's hook inlining rejects NamedTuples, and a view would keep the
 whole intermediate alive); ``unpack`` inverts it with the original shape and dtype.
 
+Tracing (``make_fx``, the compile path): fixed-rate codecs trace as they are; variable-rate
+codecs trace when given their fixed-size option (``keep``, ``rank``, ``ranks``,
+``compress_rate``), while in ``epsilon`` mode their pack reads data to choose a size (``.item()``)
+and cannot be traced. ``random`` creates its generator at unpack: a traced unpack would replay
+different noise.
+
 >>> import torch
 >>> from actcompile.codecs import get_codec
 >>> codec = get_codec("int8")
@@ -80,6 +86,60 @@ def relative_error(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     if ref == 0.0:
         return 0.0 if diff == 0.0 else math.inf
     return diff / ref
+
+
+@dataclasses.dataclass(frozen=True)
+class VariableRate:
+    """Fields shared by variable-rate codecs: the error target and an optional byte cap.
+
+    ``epsilon`` bounds the relative L2 error (the codec keeps as little as meets it);
+    ``max_bytes`` caps what one packed tensor may hold: the codec then keeps what fits and its
+    error is whatever that reaches. ``packed_nbytes`` is the cap, or the worst case without one.
+    """
+
+    epsilon: float | None = None
+    max_bytes: int | None = None
+
+    DEFAULT_EPSILON: ClassVar[float] = 0.1
+
+    def _size_option(self):
+        """The codec's own fixed-size option (a keep fraction, a rank), or None."""
+        return None
+
+    @property
+    def target_epsilon(self) -> float | None:
+        """``epsilon``; else None if a size option is given; else ``DEFAULT_EPSILON``."""
+        if self.epsilon is not None:
+            return self.epsilon
+        return None if self._size_option() is not None else self.DEFAULT_EPSILON
+
+    def _validate(self) -> None:
+        from actcompile.errors import CodecError
+
+        if self.epsilon is not None and not (0.0 < self.epsilon < 1.0):
+            raise CodecError(f"{self.name}: epsilon={self.epsilon} must be in (0, 1)")
+        if self.max_bytes is not None and self.max_bytes < 0:
+            raise CodecError(f"{self.name}: max_bytes={self.max_bytes} must be >= 0")
+
+    def _capped(self, worst_case: int) -> int:
+        return worst_case if self.max_bytes is None else min(worst_case, self.max_bytes)
+
+
+def energy_cut(ordered_energy: torch.Tensor, total: float, epsilon: float) -> int:
+    """How many leading terms of ``ordered_energy`` (squared magnitudes, in the order they would
+    be kept) to keep so that the dropped energy is at most ``epsilon² · total``: for an
+    orthonormal representation that is exactly the relative L2 error bound."""
+    if total <= 0 or ordered_energy.numel() == 0:
+        return 0
+    tail = total - torch.cumsum(ordered_energy.double(), 0)          # energy dropped if k = i + 1
+    allowed = (epsilon ** 2) * total
+    ok = torch.nonzero(tail <= allowed)
+    return int(ok[0].item()) + 1 if ok.numel() else ordered_energy.numel()
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Relative rounding error of one value of ``dtype`` (what casting a result back adds)."""
+    return torch.finfo(dtype).eps / 2
 
 
 def codec_options(codec) -> tuple[tuple[str, object], ...]:

@@ -74,6 +74,7 @@ class MaskCodec:
 
     name: ClassVar[str] = "mask"
     fixed_rate: ClassVar[bool] = True
+    default_enabled: ClassVar[bool] = True
     epsilon: float | None = None
     lo: float = 0.0
     hi: float = math.inf

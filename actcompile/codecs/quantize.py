@@ -36,6 +36,7 @@ class _GroupQuantCodec:
     name: ClassVar[str]
     bits: ClassVar[int]
     fixed_rate: ClassVar[bool] = True
+    default_enabled: ClassVar[bool] = True
     epsilon: float | None = None
     group_size: int = 256
     stochastic: bool = False
@@ -114,3 +115,56 @@ class Int4Codec(_GroupQuantCodec):
 class Int2Codec(_GroupQuantCodec):
     name: ClassVar[str] = "int2"
     bits: ClassVar[int] = 2
+
+
+if hasattr(torch, "float8_e4m3fn"):   # registered only where this torch build has the dtype
+
+    @register_codec
+    @dataclasses.dataclass(frozen=True)
+    class FP8Codec:
+        """float8 e4m3 with one float32 scale per group (the group's max maps to 448).
+
+        Zeros stay zero; a positive value too small for e4m3 is stored as its smallest subnormal
+        instead of 0, so the sign pattern of a non-negative tensor is kept exactly.
+        """
+
+        name: ClassVar[str] = "fp8"
+        fixed_rate: ClassVar[bool] = True
+        default_enabled: ClassVar[bool] = True
+        epsilon: float | None = None
+        group_size: int = 256
+
+        def __post_init__(self):
+            if self.group_size <= 0:
+                raise CodecError(f"fp8: group_size={self.group_size} must be positive")
+            if self.epsilon is not None:
+                raise CodecError(f"fp8 is fixed-rate: its error is measured, not set (got epsilon={self.epsilon})")
+
+        def supports(self, spec: TensorSpec) -> bool:
+            return is_float(spec)
+
+        def packed_nbytes(self, spec: TensorSpec) -> int:
+            groups = -(-spec.numel // self.group_size)
+            return groups * self.group_size + 4 * groups
+
+        def pack(self, x: torch.Tensor) -> tuple:
+            info = torch.finfo(torch.float8_e4m3fn)
+            flat = x.detach().reshape(-1).to(torch.float32)
+            numel = flat.numel()
+            pad = -(-numel // self.group_size) * self.group_size - numel
+            groups = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, self.group_size)
+            top = groups.abs().amax(dim=1, keepdim=True)
+            scale = torch.where(top > 0, top / info.max, torch.ones_like(top))
+            scaled = groups / scale
+            tiny = torch.full_like(scaled, 2.0 ** -9)           # e4m3's smallest subnormal
+            scaled = torch.where((scaled > 0) & (scaled < tiny), tiny, scaled)
+            scaled = torch.where((scaled < 0) & (scaled > -tiny), -tiny, scaled)
+            return (scaled.to(torch.float8_e4m3fn).reshape(-1), scale.reshape(-1).clone(), tuple(x.shape), x.dtype)
+
+        def unpack(self, packed: tuple) -> torch.Tensor:
+            payload, scale, shape, dtype = packed
+            values = payload.to(torch.float32).reshape(scale.numel(), self.group_size) * scale.unsqueeze(1)
+            numel = 1
+            for s in shape:
+                numel *= s
+            return values.reshape(-1)[:numel].to(dtype).reshape(shape)
