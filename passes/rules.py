@@ -24,6 +24,7 @@ import dataclasses
 import torch
 
 from actcompile.codecs.base import TensorSpec
+from actcompile.codecs.lossless import INTERVAL_USES
 from actcompile.config import CompileConfig
 from actcompile.plan import MemoryProfile, SavedTensor, Skip, SkipReason, TensorKind
 
@@ -122,13 +123,32 @@ def split_candidates(profile: MemoryProfile, config: CompileConfig) -> tuple[lis
     return candidates, skips
 
 
+# Backward formulas that branch on the saved value (its sign, or an interval): a codec that
+# moves a value across the branch point changes the gradient's mask, not just its size.
+BRANCHING_USES = frozenset(INTERVAL_USES)
+
+
+def reads_sign(t: SavedTensor) -> bool:
+    """Does some backward branch on this tensor's values?"""
+    return any(u.op in BRANCHING_USES for u in t.uses)
+
+
 def codec_choices(t: SavedTensor, config: CompileConfig) -> list:
-    """Every codec instance the policy may try on ``t`` (variable-rate ones at each ε of the ladder)."""
+    """Every codec instance the policy may try on ``t`` (variable-rate ones at each ε of the ladder).
+
+    Tensors some ReLU-like backward branches on get only sign-exact codecs (or ``mask``).
+    """
     spec = spec_of(t)
     choices = []
+    branching = reads_sign(t)
     for codec in config.codecs:
         if not codec.supports(spec):
             continue
+        if branching and not hasattr(codec, "exact_for"):
+            if "sign_exact" in {f.name for f in dataclasses.fields(codec)}:
+                codec = dataclasses.replace(codec, sign_exact=True)
+            elif not getattr(codec, "sign_exact", False):
+                continue
         if hasattr(codec, "exact_for"):
             if t.opaque:
                 continue

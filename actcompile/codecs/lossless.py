@@ -36,6 +36,7 @@ class NoneCodec:
 
     name: ClassVar[str] = "none"
     fixed_rate: ClassVar[bool] = True
+    sign_exact: ClassVar[bool] = True
     epsilon: float | None = None
 
     def supports(self, spec: TensorSpec) -> bool:
@@ -53,7 +54,7 @@ class NoneCodec:
 
 # Backward formulas that read only whether their saved tensor lies in an open interval:
 # op -> function of the op's scalar arguments giving (lo, hi).
-_INTERVAL_USES = {
+INTERVAL_USES = {
     "ReluBackward0": lambda use: (0.0, math.inf),          # threshold_backward(grad, result, 0)
     "LeakyReluBackward0": lambda use: (0.0, math.inf),     # self > 0 picks grad or grad·slope
     "LeakyReluBackward1": lambda use: (0.0, math.inf),     # in-place: result > 0, same
@@ -90,7 +91,7 @@ class MaskCodec:
         """The variant of this codec that is lossless for these backward uses, or ``None``."""
         intervals = set()
         for use in uses:
-            interval = _INTERVAL_USES.get(use.op)
+            interval = INTERVAL_USES.get(use.op)
             if interval is None:
                 return None
             intervals.add(interval(use))

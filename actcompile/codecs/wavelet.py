@@ -144,12 +144,12 @@ class WaveletCodec(VariableRate):
     def pack(self, x: torch.Tensor) -> tuple:
         lead, h, w = self._image(x.shape)
         if x.numel() == 0:
-            return (ThresholdCodec(keep=0.0).pack(x.reshape(-1)), [], tuple(x.shape))
+            return (ThresholdCodec(keep=0.0).pack(x.reshape(-1)), (), tuple(x.shape))
         forward, _ = self._transforms(x.device)
         ph, pw = self._padded(h, w)
         image = torch.nn.functional.pad(x.detach().float().reshape(lead, 1, h, w), (0, pw - w, 0, ph - h))
         low, highs = forward(image)
-        shapes = [tuple(low.shape)] + [tuple(band.shape) for band in highs]
+        shapes = (tuple(low.shape), *(tuple(band.shape) for band in highs))
         flat = torch.cat([low.reshape(-1)] + [band.reshape(-1) for band in highs]).to(x.dtype)
         epsilon = self.target_epsilon
         inner = self._inner(flat.numel(), epsilon)
