@@ -137,10 +137,6 @@ class ActCompiledModule(nn.Module):
                                "example_inputs= to actcompile()")
         return self._plans[self._last]
 
-    def plan_for(self, *args, **kwargs) -> Plan:
-        """Plan for these inputs now (normally done by the first training call)."""
-        return self._plans[self._prepare(args, kwargs)]
-
     def _prepare(self, args, kwargs) -> tuple:
         example = Inputs(args, kwargs)
         normalize_inputs(self._original, example)

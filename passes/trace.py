@@ -179,9 +179,11 @@ def _opaque_root(model) -> torch.fx.GraphModule:
     for p in params:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             raise TraceError(f"{type(model).__name__}.forward takes *args/**kwargs; an opaque capture needs named parameters")
-        default = () if p.default is p.empty else (p.default,)
-        node = graph.placeholder(p.name, default_value=p.default if default else inspect.Signature.empty)
-        (args.append(node) if p.kind == p.POSITIONAL_ONLY else kwargs.__setitem__(p.name, node))
+        node = graph.placeholder(p.name, default_value=p.default)   # Parameter.empty is FX's "no default"
+        if p.kind == p.POSITIONAL_ONLY:
+            args.append(node)
+        else:
+            kwargs[p.name] = node
     call = graph.call_module("model", tuple(args), kwargs)
     meta.set_opaque(call, True)
     graph.output(call)

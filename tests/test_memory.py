@@ -80,3 +80,11 @@ def test_unknown_meta_workspace_falls_back_to_real():
     p = profile(model, x)
     assert p.mode == "real"
     assert max(t.nbytes for t in p.tensors if t.dtype == "uint8") > 0
+
+
+def test_bytes_by_node_attributes_each_storage_to_its_first_saver():
+    model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 32), nn.ReLU(), nn.Linear(32, 4))
+    p = profile(model, torch.randn(16, 64))
+    by_node = p.bytes_by_node()
+    assert by_node == {"_1": 16 * 128 * 4, "_3": 16 * 32 * 4}   # tanh and ReLU outputs, saved by themselves
+    assert sum(by_node.values()) == p.baseline_bytes
