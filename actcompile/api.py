@@ -138,10 +138,10 @@ class ActCompiledModule(nn.Module):
         return self._plans[self._last]
 
     def _prepare(self, args, kwargs) -> tuple:
-        example = Inputs(args, kwargs)
-        normalize_inputs(self._original, example)
         key = _signature(args, kwargs, self._original)
-        if key not in self._compiled:
+        if key not in self._compiled:   # a new signature: check the call fits forward, then plan
+            example = Inputs(args, kwargs)
+            normalize_inputs(self._original, example)
             with _training(self._original):
                 if key in self._plans:      # unpickled or deep-copied: re-trace, keep the plan
                     gm, plan = trace_module(self._original, example), self._plans[key]

@@ -34,6 +34,14 @@ from actcompile.codecs.bits import pack_bits, unpack_bits
 from actcompile.errors import CodecError
 
 
+def _check_fixed_rate(codec, multiple_of: int) -> None:
+    """Options shared by the per-group quantizers: a group size, and no ε (their error is measured)."""
+    if codec.group_size <= 0 or codec.group_size % multiple_of:
+        raise CodecError(f"{codec.name}: group_size={codec.group_size} must be a positive multiple of {multiple_of}")
+    if codec.epsilon is not None:
+        raise CodecError(f"{codec.name} is fixed-rate: its error is measured, not set (got epsilon={codec.epsilon})")
+
+
 @dataclasses.dataclass(frozen=True)
 class _GroupQuantCodec:
     name: ClassVar[str]
@@ -47,10 +55,7 @@ class _GroupQuantCodec:
     seed: int = 0
 
     def __post_init__(self):
-        if self.group_size <= 0 or self.group_size % 8:
-            raise CodecError(f"{self.name}: group_size={self.group_size} must be a positive multiple of 8")
-        if self.epsilon is not None:
-            raise CodecError(f"{self.name} is fixed-rate: its error is measured, not set (got epsilon={self.epsilon})")
+        _check_fixed_rate(self, multiple_of=8)
 
     def supports(self, spec: TensorSpec) -> bool:
         return is_float(spec)
@@ -147,10 +152,7 @@ if hasattr(torch, "float8_e4m3fn"):   # registered only where this torch build h
         group_size: int = 256
 
         def __post_init__(self):
-            if self.group_size <= 0:
-                raise CodecError(f"fp8: group_size={self.group_size} must be positive")
-            if self.epsilon is not None:
-                raise CodecError(f"fp8 is fixed-rate: its error is measured, not set (got epsilon={self.epsilon})")
+            _check_fixed_rate(self, multiple_of=1)
 
         def supports(self, spec: TensorSpec) -> bool:
             return is_float(spec)
