@@ -7,11 +7,11 @@ from actcompile.api import ActCompiledModule, actcompile, explain
 from actcompile.codecs import available_codecs, get_codec, register_codec
 from actcompile.config import CompileConfig, parse_budget
 from actcompile.errors import ActCompileError, BudgetError, CodecError, InputMismatchError, TraceError
-from actcompile.passes.trace import Inputs
-from actcompile.plan import Plan
+from actcompile.passes.capture import Inputs
+from actcompile.plan import ModelPlan, Plan
 
 __all__ = [
-    "actcompile", "explain", "Plan", "ActCompiledModule", "Inputs", "CompileConfig", "parse_budget",
+    "actcompile", "explain", "Plan", "ModelPlan", "ActCompiledModule", "Inputs", "CompileConfig", "parse_budget",
     "available_codecs", "get_codec", "register_codec",
     "ActCompileError", "BudgetError", "CodecError", "InputMismatchError", "TraceError",
 ]

@@ -4,15 +4,25 @@
 
     model = actcompile(model, budget="2GB")      # plans on the first training call
     loss = model(x).sum(); loss.backward()       # saved activations ≤ 2 GB
-    print(model.plan)                            # one table: regions, codecs, bytes, errors
+    print(model.plan)                            # one table: graphs, regions, codecs, bytes, errors
 
 The returned module shares ``model``'s Parameters, buffers and submodules (an optimizer built on
 ``model.parameters()`` trains it), has the same ``state_dict()`` keys, and leaves ``model``
-itself untouched. It plans once per input signature (shapes, dtypes, devices, and which
-submodules are in training mode) and caches the result; in eval mode or under
-``torch.no_grad()`` it simply runs ``model``. If a saved tensor ever differs from what the plan
-expected (an opaque module took another branch), that tensor is kept as it is and the next
-call plans again for what it saw.
+itself untouched; attributes it does not have come from ``model`` (``wrapped.config`` of a
+Hugging Face model is its config). A training forward runs ``model``'s forward through Dynamo
+(:mod:`actcompile.passes.capture`), so every construct behaves as without actcompile: custom
+``autograd.Function`` backwards, ``no_grad``/``autocast`` regions, ``checkpoint``, hooks,
+Python attributes (guarded: a change re-captures), data-dependent branches (graph breaks: the
+forward runs as several graphs with Python between them).
+
+Planning happens once per input signature (shapes, dtypes, devices, which submodules train):
+one capture forward (it keeps nothing) finds the graphs, each is profiled and calibrated on
+its real inputs, and one knapsack over all of them shares the budget. A graph Dynamo captures
+later (an attribute changed, a layer was frozen, a branch not taken before) is planned when it
+first runs, at the budget's ratio to the baseline of the planned forward. Each batch shape is
+its own signature (planned once, then cached); Dynamo's recompile limit (8 per ``forward``)
+caps how many are kept, past which the forward runs uncompressed with a warning. In eval mode
+or under ``torch.no_grad()`` the module simply runs ``model``.
 
 >>> import torch
 >>> net = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
@@ -28,20 +38,23 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+import weakref
 
 import torch
 from torch import nn
 
 from actcompile.codecs import get_codec
-from actcompile.config import CompileConfig, default_codecs, parse_budget
-from actcompile.errors import CodecError
+from actcompile.config import Budget, CompileConfig, default_codecs, parse_budget
+from actcompile.errors import ActCompileError, CodecError
 from actcompile.passes.calibrate import calibrate
+from actcompile.passes.capture import (CapturedGraph, GraphRunner, Inputs, capture_graphs, dynamo_forward,
+                                       handling, input_kinds, normalize_inputs)
 from actcompile.passes.emit import CompressedGraphModule, emit_regions
 from actcompile.passes.memory import profile_memory
-from actcompile.passes.policy import choose_plan
+from actcompile.passes.policy import choose_plans
 from actcompile.passes.rules import codec_choices, split_candidates
-from actcompile.passes.trace import Inputs, normalize_inputs, trace_module
-from actcompile.plan import Plan
+from actcompile.plan import ModelPlan, Plan, Section
+from actcompile.runtime import RuntimeStats, inside_checkpoint, preserved_state, sharing_packed
 
 _OPTION_NAMES = {f.name for f in dataclasses.fields(CompileConfig)} - {"budget", "codecs"}
 
@@ -64,26 +77,25 @@ def make_config(budget, codecs=None, **options) -> CompileConfig:
     return CompileConfig(budget=parse_budget(budget), codecs=codecs or (), **options)
 
 
-def plan_module(model: nn.Module, example_inputs, config: CompileConfig):
-    """Run the pipeline: ``(traced GraphModule, Plan)`` for ``model`` on ``example_inputs``."""
-    gm = trace_module(model, example_inputs)
-    profile = profile_memory(gm, example_inputs)
+def _calibrated(graph: CapturedGraph, config: CompileConfig):
+    """``(profile, calibration)`` of one captured graph: what it saves, and each codec's error on it."""
+    profile = profile_memory(graph)
     candidates, _ = split_candidates(profile, config)
     choices = {(t.node, t.ordinal): codec_choices(t, config) for t in candidates}
     expected = {(t.node, t.ordinal): (t.shape, t.dtype) for t in candidates}
-    calibration = calibrate(gm, example_inputs, {k: v for k, v in choices.items() if v}, expected)
-    return gm, choose_plan(profile, config, calibration)
+    return profile, calibrate(graph, {k: v for k, v in choices.items() if v}, expected)
 
 
-def explain(model: nn.Module, example_inputs, budget, codecs=None, **options) -> Plan:
-    """The :class:`Plan` ``actcompile`` would make for ``model`` on ``example_inputs``; rewrites nothing."""
-    config = make_config(budget, codecs, **options)
+def explain(model: nn.Module, example_inputs, budget, codecs=None, **options) -> ModelPlan:
+    """The :class:`ModelPlan` ``actcompile`` would make for ``model`` on ``example_inputs``; rewrites nothing."""
+    wrapper = ActCompiledModule(model, make_config(budget, codecs, **options))
+    args, kwargs = normalize_inputs(model, example_inputs)
     with _training(model):
-        return plan_module(model, example_inputs, config)[1]
+        return wrapper._plan_forward(_signature(args, kwargs, model), args, kwargs)
 
 
 class _training:
-    """Plans describe training forwards: trace in train mode, then restore the user's flags."""
+    """Plans describe training forwards: capture in train mode, then restore the user's flags."""
 
     def __init__(self, model):
         self.model = model
@@ -111,6 +123,20 @@ def _signature(args, kwargs, model) -> tuple:
     return (describe(args), describe(kwargs), tuple(m.training for m in model.modules()))
 
 
+@dataclasses.dataclass
+class _GraphState:
+    """One captured graph as this module runs it: its plan and the rewritten graph."""
+
+    plan: Plan
+    compiled: CompressedGraphModule
+
+
+def _add_stats(total: RuntimeStats, more: RuntimeStats | None) -> None:
+    if more is not None:
+        for field in dataclasses.fields(RuntimeStats):
+            setattr(total, field.name, getattr(total, field.name) + getattr(more, field.name))
+
+
 class ActCompiledModule(nn.Module):
     """``model`` with planned activation compression; made by :func:`actcompile`."""
 
@@ -123,53 +149,150 @@ class ActCompiledModule(nn.Module):
         self._modules = dict(model._modules)
         self.training = model.training
         self.__dict__["_original"] = model
-        self.__dict__["config"] = config
-        self.__dict__["_plans"] = {}       # signature -> Plan (kept when pickled)
-        self.__dict__["_compiled"] = {}    # signature -> CompressedGraphModule (rebuilt after unpickling)
+        self.__dict__["compile_config"] = config
+        self.__dict__["_plans"] = {}       # signature -> ModelPlan (kept when pickled)
         self.__dict__["_last"] = None
+        self._reset_derived()
+
+    def _reset_derived(self) -> None:
+        """State rebuilt after unpickling or copying: Dynamo's forward and each graph's rewrite."""
+        self.__dict__["_forward"] = None
+        self.__dict__["_graphs"] = weakref.WeakKeyDictionary()   # GraphRunner -> _GraphState
+        self.__dict__["_ratio"] = None     # budget / baseline of the last planned forward
+        self.__dict__["_call"] = None      # (args, kwargs) of the forward running now
+        self.__dict__["_ran"] = []         # runners the last forward went through
+        self.__dict__["_stats"] = None
+        self.__dict__["_ready"] = set()    # signatures planned (or adopted) in this process
 
     # -- planning ----------------------------------------------------------------------------
     @property
-    def plan(self) -> Plan:
+    def plan(self) -> ModelPlan:
         """The plan of the input signature this module last ran (or was planned) with."""
         if self._last is None:
             raise RuntimeError("not planned yet: call the module once in training mode, or pass "
                                "example_inputs= to actcompile()")
         return self._plans[self._last]
 
-    def _prepare(self, args, kwargs) -> tuple:
-        key = _signature(args, kwargs, self._original)
-        if key not in self._compiled:   # a new signature: check the call fits forward, then plan
-            example = Inputs(args, kwargs)
-            normalize_inputs(self._original, example)
-            with _training(self._original):
-                if key in self._plans:      # unpickled or deep-copied: re-trace, keep the plan
-                    gm, plan = trace_module(self._original, example), self._plans[key]
-                else:
-                    gm, plan = plan_module(self._original, example, self.config)
-            self._plans[key] = plan
-            self._compiled[key] = emit_regions(gm, plan)
+    def _dynamo(self):
+        if self._forward is None:
+            self.__dict__["_forward"] = dynamo_forward(self._original)
+        return self._forward
+
+    def _plan_forward(self, key, args, kwargs) -> ModelPlan:
+        """Capture one forward, then plan every graph in it not planned yet, under one budget."""
+        graphs = capture_graphs(self._original, Inputs(args, kwargs), forward=self._dynamo())
+        known = self._plans.get(key)
+        if known is not None and self._adopt(known, graphs):
+            plan = known
+        else:
+            new = list({id(g.runner): g for g in graphs if g.runner not in self._graphs}.values())
+            repeats = [sum(1 for g in graphs if g.runner is n.runner) for n in new]
+            fixed = sum(self._graphs[g.runner].plan.planned_bytes for g in graphs if g.runner in self._graphs)
+            with preserved_state(self._original):
+                measured = [_calibrated(g, self.compile_config) for g in new]
+            plans = choose_plans([p for p, _ in measured], self.compile_config, [c for _, c in measured],
+                                 fixed_bytes=fixed, repeats=repeats)
+            for g, p in zip(new, plans):
+                self._graphs[g.runner] = _GraphState(p, emit_regions(g.gm, p))
+            baseline = fixed + sum(p.baseline_bytes * r for p, r in zip(plans, repeats))
+            budget_bytes = self.compile_config.budget.resolve(baseline)
+            plan = ModelPlan(budget_bytes, tuple(Section(g.name, self._graphs[g.runner].plan) for g in graphs))
+        self.__dict__["_ratio"] = plan.budget_bytes / max(plan.baseline_bytes, 1)
+        self._plans[key] = plan
+        self._ready.add(key)
         self.__dict__["_last"] = key
-        return key
+        return plan
+
+    def use_plan(self, plan: ModelPlan, example_inputs) -> None:
+        """Run with ``plan`` (from another process, a file, rank 0) for ``example_inputs``' signature.
+
+        The forward is captured once and each section's plan is applied to its graph, in call
+        order; raises ``ValueError`` if the plan does not fit the captured graphs.
+        """
+        args, kwargs = normalize_inputs(self._original, example_inputs)
+        with _training(self._original):
+            key = _signature(args, kwargs, self._original)
+            graphs = capture_graphs(self._original, Inputs(args, kwargs), forward=self._dynamo())
+            if not self._adopt(plan, graphs):
+                raise ValueError(f"the plan's {len(plan.sections)} section(s) do not fit the {len(graphs)} graph(s) "
+                                 f"captured for these inputs (graphs {[g.name for g in graphs]}): plan for them "
+                                 "with actcompile()/explain() instead")
+        self._plans[key] = plan
+        self._ready.add(key)
+        self.__dict__["_ratio"] = plan.budget_bytes / max(plan.baseline_bytes, 1)
+        self.__dict__["_last"] = key
+
+    def _adopt(self, known: ModelPlan, graphs: list[CapturedGraph]) -> bool:
+        """Use a kept plan (unpickled, copied, broadcast) for freshly captured graphs, if it fits them."""
+        if len(known.sections) != len(graphs):
+            return False
+        for section, g in zip(known.sections, graphs):
+            names = {n.name for n in g.gm.graph.nodes}
+            if any(a.node not in names for a in section.plan.assignments):
+                return False
+        for section, g in zip(known.sections, graphs):
+            self._graphs[g.runner] = _GraphState(section.plan, emit_regions(g.gm, section.plan))
+        return True
+
+    def _plan_late(self, runner: GraphRunner, flat_inputs: list) -> _GraphState:
+        """A graph Dynamo captured outside planning (a guard failed): plan it now, at the budget's ratio."""
+        args, kwargs = self._call
+        graph = CapturedGraph(runner, flat_inputs, input_kinds(runner, flat_inputs, self._original, args, kwargs))
+        ratio = min(1.0, self._ratio if self._ratio is not None else 1.0)
+        config = dataclasses.replace(self.compile_config, budget=Budget(fraction=max(ratio, 1e-9)))
+        profile, calibration = _calibrated(graph, config)
+        (plan,) = choose_plans([profile], config, [calibration])
+        state = _GraphState(plan, emit_regions(runner.gm, plan))
+        self._graphs[runner] = state
+        return state
 
     # -- running -----------------------------------------------------------------------------
+    def _run_graph(self, runner: GraphRunner, flat_inputs: list):
+        state = self._graphs.get(runner)
+        if state is None:
+            state = self._plan_late(runner, flat_inputs)
+        self._ran.append(runner)
+        out = state.compiled(*flat_inputs)
+        _add_stats(self._stats, state.compiled.last_stats)
+        return out
+
     def forward(self, *args, **kwargs):
-        if not (self.training and torch.is_grad_enabled()):
+        if not (self.training and torch.is_grad_enabled()) or inside_checkpoint():
+            # Nothing to keep (eval, no_grad), or an outer checkpoint that keeps nothing inside.
             return self._original(*args, **kwargs)
-        key = self._prepare(args, kwargs)
-        compiled: CompressedGraphModule = self._compiled[key]
-        out = compiled(*args, **kwargs)
-        if compiled.last_stats is not None and compiled.last_stats.guard_failures:
-            warnings.warn(f"actcompile: {compiled.last_stats.guard_failures} saved tensor(s) differed from the "
-                          "plan (data-dependent control flow); they were kept uncompressed and the next call "
-                          "re-plans", RuntimeWarning, stacklevel=2)
-            del self._compiled[key], self._plans[key]
+        if torch.compiler.is_compiling():
+            raise ActCompileError("an actcompile'd module cannot run inside torch.compile: compile the plain "
+                                  "model with torch.compile(model, backend='actcompile') instead")
+        key = _signature(args, kwargs, self._original)
+        if key not in self._ready:
+            self._plan_forward(key, args, kwargs)
+        self.__dict__["_ran"] = []
+        self.__dict__["_stats"] = RuntimeStats()
+        self.__dict__["_call"] = (args, kwargs)
+        try:
+            with handling(self._run_graph), sharing_packed():
+                out = self._dynamo()(*args, **kwargs)
+        finally:
+            self.__dict__["_call"] = None
+        if not self._ran:
+            warnings.warn("actcompile: Dynamo ran this forward without any captured graph (its recompile limit "
+                          "was reached?), so nothing was compressed; set torch._dynamo.config.recompile_limit "
+                          "higher, or keep input shapes fixed", RuntimeWarning, stacklevel=2)
+        else:
+            plan = self._plans[key]
+            sections = tuple(Section(r.name, self._graphs[r].plan) for r in self._ran)
+            if sections != plan.sections:
+                self._plans[key] = ModelPlan(plan.budget_bytes, sections)
+        if self._stats.guard_failures:
+            warnings.warn(f"actcompile: {self._stats.guard_failures} saved tensor(s) differed from the plan; "
+                          "they were kept uncompressed", RuntimeWarning, stacklevel=2)
+        self.__dict__["_last"] = key
         return out
 
     @property
-    def last_stats(self):
-        """Counters of the last compressed forward (packed tensors and bytes, guard failures)."""
-        return self._compiled[self._last].last_stats if self._last in self._compiled else None
+    def last_stats(self) -> RuntimeStats | None:
+        """Counters of the last compressed forward, summed over its graphs (packed tensors and bytes)."""
+        return self._stats
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -187,11 +310,17 @@ class ActCompiledModule(nn.Module):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_compiled"] = {}   # derived: rebuilt from the kept plans on the next call
+        for derived in ("_forward", "_graphs", "_ratio", "_call", "_ran", "_stats", "_ready"):
+            state.pop(derived, None)   # rebuilt: the kept plans are adopted on the next call
         return state
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._reset_derived()
+
     def extra_repr(self) -> str:
-        return f"budget={self.config.budget}, codecs={[c.name for c in self.config.codecs]}"
+        config = self.compile_config
+        return f"budget={config.budget}, codecs={[c.name for c in config.codecs]}"
 
 
 def actcompile(model: nn.Module, budget, example_inputs=None, codecs=None, **options) -> ActCompiledModule:
@@ -207,5 +336,6 @@ def actcompile(model: nn.Module, budget, example_inputs=None, codecs=None, **opt
     compiled = ActCompiledModule(model, make_config(budget, codecs, **options))
     if example_inputs is not None:
         args, kwargs = normalize_inputs(model, example_inputs)
-        compiled._prepare(args, kwargs)
+        with _training(model):
+            compiled._plan_forward(_signature(args, kwargs, model), args, kwargs)
     return compiled

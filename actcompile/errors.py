@@ -16,7 +16,7 @@ class ActCompileError(Exception):
 
 
 class TraceError(ActCompileError, RuntimeError):
-    """The model could not be captured as a graph by any of the tracers tried."""
+    """Dynamo could not capture the model as graphs (or the model cannot be planned as captured)."""
 
 
 class BudgetError(ActCompileError, ValueError):

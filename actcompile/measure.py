@@ -100,15 +100,13 @@ def max_output_difference(a, b) -> float:
 
 def measure_model(name: str, budget, *, steps_for_time: int = 3) -> dict:
     """Everything the tests and the memory benchmark assert or report for one zoo model."""
-    from actcompile import actcompile
-    from actcompile.passes.memory import profile_memory
-    from actcompile.passes.trace import trace_module
+    from actcompile import actcompile, explain
     from actcompile.zoo import build
 
     model, inputs = build(name)
     with torch.no_grad():           # warm up lazy allocations (thread pools, kernels) outside the count
         call(model, inputs)
-    predicted = profile_memory(trace_module(model, inputs), inputs).baseline_bytes
+    predicted = explain(model, inputs, budget=1.0).baseline_bytes
     measured = kept_by_forward(model, inputs)
     start = time.perf_counter()
     compiled = actcompile(model, budget=budget, example_inputs=inputs)

@@ -1,10 +1,11 @@
 """The one place ``node.meta`` keys are spelled, with typed readers and writers.
 
->>> import torch, torch.fx
->>> gm = torch.fx.symbolic_trace(torch.nn.ReLU())
->>> node = next(iter(gm.graph.nodes))
->>> set_opaque(node, True); is_opaque(node)
-True
+>>> import torch
+>>> from actcompile.passes.capture import capture_graphs
+>>> (graph,) = capture_graphs(torch.nn.Linear(4, 4), torch.randn(2, 4))
+>>> linear = next(n for n in graph.gm.graph.nodes if n.op == "call_function")
+>>> tuple(get_val(linear).shape)
+(2, 4)
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ import torch.fx
 
 VAL = "val"                      # FakeTensor (or structure of them) of the node's output
 DYNAMO_VAL = "example_value"     # Dynamo's spelling of the same
-OPAQUE = "actcompile_opaque"     # True on call_module nodes the tracer could not see into
-SOURCE = "actcompile_source"     # where the node came from, for error messages
+GRAPHARG = "grapharg"            # Dynamo's record of where a placeholder's value comes from
 
 
 def get_val(node: torch.fx.Node):
@@ -26,9 +26,6 @@ def set_val(node: torch.fx.Node, value) -> None:
     node.meta[VAL] = value
 
 
-def is_opaque(node: torch.fx.Node) -> bool:
-    return bool(node.meta.get(OPAQUE, False))
-
-
-def set_opaque(node: torch.fx.Node, opaque: bool) -> None:
-    node.meta[OPAQUE] = opaque
+def placeholder_source(node: torch.fx.Node):
+    """Dynamo's ``Source`` of a placeholder (``LocalSource('x')``, an attribute path, ...), or ``None``."""
+    return getattr(node.meta.get(GRAPHARG), "source", None)

@@ -43,6 +43,8 @@ class TensorKind(str, enum.Enum):
     PARAMETER = "parameter"
     BUFFER = "buffer"
     INPUT = "input"
+    HELD = "held"    # held by the program beyond the forward: a module attribute, a global, a constant
+    SHARED = "shared"   # an activation an earlier graph of the forward saves too: counted there
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +77,9 @@ class Use:
         return dict(self.scalars).get(name, default)
 
 
+LATER_USE = "(a later graph)"   # Use.op of a save a later graph makes: its backward is not known here
+
+
 @dataclasses.dataclass(frozen=True)
 class SavedTensor:
     """One distinct storage autograd holds for backward, however many ops saved it."""
@@ -89,7 +94,8 @@ class SavedTensor:
     uses: tuple[Use, ...]      # every autograd node that holds (a view of) it, in save order
     packed_shape: tuple[int, ...]  # what a codec packs: ``shape``, or (elements,) of the whole
                                    # storage when the first save is a partial view of it
-    opaque: bool = False       # saved inside an opaque (untraced) node
+    saved_later: bool = False  # a later graph of the forward saves this storage too (and shares
+                               # its packed form): its uses there are in ``uses`` as LATER_USE
 
     def __post_init__(self):
         _require(self.nbytes >= 0, "SavedTensor", "nbytes", self.nbytes, "must be >= 0")
@@ -138,6 +144,8 @@ class SkipReason(str, enum.Enum):
     PARAMETER = "parameter"
     BUFFER = "buffer"
     INPUT = "model input (held by the caller anyway)"
+    HELD = "held by the program (a module attribute or global), freed by nothing"
+    SHARED = "saved by an earlier graph too, and counted there"
     NOT_FLOAT = "integer/bool tensor"
     TOO_SMALL = "below size floor"
     NO_CODEC = "no enabled codec supports it"
@@ -230,7 +238,7 @@ class Plan:
     skipped: tuple[Skip, ...]
 
     def __post_init__(self):
-        _require(self.budget_bytes > 0, "Plan", "budget_bytes", self.budget_bytes, "must be > 0")
+        _require(self.budget_bytes >= 0, "Plan", "budget_bytes", self.budget_bytes, "must be >= 0")
         _require(self.baseline_bytes >= 0, "Plan", "baseline_bytes", self.baseline_bytes, "must be >= 0")
 
     @property
@@ -253,8 +261,10 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
-        data = json.loads(text)
+        return cls.from_dict(json.loads(text))
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
         def assignment(d):
             d = dict(d, options=tuple(tuple(kv) for kv in d["options"]), shape=tuple(d["shape"]))
             return Assignment(**d)
@@ -269,8 +279,9 @@ class Plan:
                    regions=regions, skipped=skipped)
 
     # -- table ----------------------------------------------------------------------------
-    def __str__(self) -> str:
-        rows = [("region", "nodes", "codec", "ε", "before → after", "error")]
+    def region_rows(self) -> list[tuple[str, ...]]:
+        """One row per region: name, nodes, codec, ε, bytes before → after, error."""
+        rows = []
         for r in self.regions:
             nodes = r.nodes
             shown = ", ".join(nodes[:3]) + (f", … (+{len(nodes) - 3})" if len(nodes) > 3 else "")
@@ -278,13 +289,103 @@ class Plan:
             rows.append((r.name, shown, r.codec, eps,
                          f"{format_bytes(r.bytes_before)} → {format_bytes(r.bytes_after)}",
                          f"{r.error:.3g}"))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-        lines.insert(1, "-" * len(lines[0]))
-        lines.append("-" * len(lines[0]))
-        lines.append(
-            f"baseline {format_bytes(self.baseline_bytes)} | planned {format_bytes(self.planned_bytes)}"
-            f" | budget {format_bytes(self.budget_bytes)} | {len(self.regions)} regions,"
-            f" {len(self.skipped)} tensors left as they are"
-        )
-        return "\n".join(lines)
+        return rows
+
+    def __str__(self) -> str:
+        return _table([_HEADER] + self.region_rows(), _footer(self))
+
+
+_HEADER = ("region", "nodes", "codec", "ε", "before → after", "error")
+
+
+def _table(rows: list[tuple[str, ...]], footer: str) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append("-" * len(lines[0]))
+    lines.append(footer)
+    return "\n".join(lines)
+
+
+def _footer(plan) -> str:
+    return (f"baseline {format_bytes(plan.baseline_bytes)} | planned {format_bytes(plan.planned_bytes)}"
+            f" | budget {format_bytes(plan.budget_bytes)} | {len(plan.regions)} regions,"
+            f" {len(plan.skipped)} tensors left as they are")
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """The plan of one captured graph (``graph`` is Dynamo's compile id, e.g. ``"0/0"``)."""
+
+    graph: str
+    plan: Plan
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPlan:
+    """The plan of one forward: a section per graph it runs (graph breaks split a forward), one budget.
+
+    It reads like a :class:`Plan` (``regions``, ``assignments``, ``skipped``, bytes) over all
+    sections, and prints as one table with a column naming each region's graph::
+
+        >>> a = Assignment("relu", 0, "mask", (), None, 4096, 128, 0.0)
+        >>> one = Plan(budget_bytes=600, baseline_bytes=4096, regions=(Region("r0", "mask", None, (a,)),), skipped=())
+        >>> two = Plan(budget_bytes=400, baseline_bytes=0, regions=(), skipped=())
+        >>> plan = ModelPlan(budget_bytes=1000, sections=(Section("0/0", one), Section("1/0", two)))
+        >>> plan.planned_bytes, plan.baseline_bytes
+        (128, 4096)
+        >>> ModelPlan.from_json(plan.to_json()) == plan
+        True
+    """
+
+    budget_bytes: int
+    sections: tuple[Section, ...]
+
+    def __post_init__(self):
+        _require(self.budget_bytes > 0, "ModelPlan", "budget_bytes", self.budget_bytes, "must be > 0")
+
+    @property
+    def baseline_bytes(self) -> int:
+        return sum(s.plan.baseline_bytes for s in self.sections)
+
+    @property
+    def planned_bytes(self) -> int:
+        return sum(s.plan.planned_bytes for s in self.sections)
+
+    @property
+    def regions(self) -> tuple[Region, ...]:
+        return tuple(r for s in self.sections for r in s.plan.regions)
+
+    @property
+    def assignments(self) -> tuple[Assignment, ...]:
+        return tuple(a for s in self.sections for a in s.plan.assignments)
+
+    @property
+    def skipped(self) -> tuple[Skip, ...]:
+        return tuple(k for s in self.sections for k in s.plan.skipped)
+
+    def section(self, graph: str) -> Plan:
+        """The plan of the graph with compile id ``graph``."""
+        for s in self.sections:
+            if s.graph == graph:
+                return s.plan
+        raise KeyError(f"no graph {graph!r} in this plan; graphs: {[s.graph for s in self.sections]}")
+
+    def to_json(self) -> str:
+        return json.dumps({"budget_bytes": self.budget_bytes,
+                           "sections": [{"graph": s.graph, "plan": json.loads(s.plan.to_json())}
+                                        for s in self.sections]}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelPlan":
+        data = json.loads(text)
+        return cls(budget_bytes=data["budget_bytes"],
+                   sections=tuple(Section(s["graph"], Plan.from_dict(s["plan"])) for s in data["sections"]))
+
+    def __str__(self) -> str:
+        rows = [("graph",) + _HEADER]
+        for s in self.sections:
+            section_rows = s.plan.region_rows() or [("", "(nothing compressed)", "", "", "", "")]
+            rows += [(s.graph,) + row for row in section_rows]
+        graphs = f"{len(self.sections)} graph{'s' if len(self.sections) != 1 else ''}"
+        return _table(rows, f"{_footer(self)} | {graphs}")

@@ -4,8 +4,10 @@ The emitted graph brackets every node that saves a planned tensor with :func:`be
 :func:`end_node`; while :func:`compressing` is active, autograd's pack hook counts the saves
 of the current node and looks up ``(node, ordinal)`` in the plan's table. A storage saved by
 several ops is packed once: later saves get the same packed object (and their own view).
-A saved tensor whose shape or dtype differs from the plan (an input that took another branch
-of an opaque module) is kept as it is and counted in ``guard_failures``: never a wrong codec.
+A saved tensor whose shape or dtype differs from the plan is kept as it is and counted in
+``guard_failures``: never a wrong codec (Dynamo's guards make this rare: a graph is captured
+for one set of shapes). Saves the plan does not pack go to the saved-tensor hooks that were
+active outside (``save_on_cpu``), so those compose.
 
 This module imports no pass, so a rewritten module needs only it (and the codecs) to run.
 
@@ -80,14 +82,29 @@ class _PackedStorage:
                                    device=decoded.device).copy_(decoded)
 
 
-class _Session:
-    """State of one compressed forward: current node, ordinal, storages already packed."""
+class _Outer:
+    """A save the plan does not pack, handed to the saved-tensor hooks that were active outside."""
 
-    def __init__(self, table: dict):
+    __slots__ = ("packed", "unpack")
+
+    def __init__(self, packed, unpack):
+        self.packed, self.unpack = packed, unpack
+
+
+class _Session:
+    """State of one compressed forward: current node, ordinal, storages already packed.
+
+    ``outer`` are the ``(pack, unpack)`` hooks active when it began (``save_on_cpu``, a user's
+    own): every save the plan does not pack goes to them, so an outer offload still happens.
+    """
+
+    def __init__(self, table: dict, outer=None, packed: dict | None = None):
         self.table = table
+        self.outer = outer
         self.node: str | None = None
         self.ordinal = 0
-        self.packed: dict[int, tuple[StorageWeakRef, _PackedStorage]] = {}
+        # storage -> its packed form; shared by the graphs of one forward (see sharing_packed)
+        self.packed: dict[int, tuple[StorageWeakRef, _PackedStorage]] = {} if packed is None else packed
         self.stats = RuntimeStats()
 
     def pack(self, t: torch.Tensor):
@@ -100,11 +117,11 @@ class _Session:
             self.ordinal += 1
         if known is not None and not known[0].expired():
             return (known[1], tuple(t.shape), t.stride(), t.storage_offset())
-        if planned is None:
-            return t
-        if tuple(t.shape) != planned.shape or t.dtype != planned.dtype:
+        if planned is not None and (tuple(t.shape) != planned.shape or t.dtype != planned.dtype):
             self.stats.guard_failures += 1
-            return t
+            planned = None
+        if planned is None:
+            return t if self.outer is None else _Outer(self.outer[0](t), self.outer[1])
         whole = packable_view(t.detach())
         payload = planned.codec.pack(whole)
         holder = _PackedStorage(planned.codec, payload, tuple(whole.shape), whole.stride())
@@ -118,6 +135,8 @@ class _Session:
 def _unpack(saved):
     if isinstance(saved, torch.Tensor):
         return saved
+    if isinstance(saved, _Outer):
+        return saved.unpack(saved.packed)
     holder, size, stride, offset = saved
     base = holder.base()
     if size == holder.size and stride == holder.stride and offset == 0:
@@ -158,17 +177,59 @@ def recompute(fn, *args, **kwargs):
     return torch.utils.checkpoint.checkpoint(call, *args, use_reentrant=False, preserve_rng_state=True)
 
 
+class Recomputed:
+    """``fn`` called through :func:`recompute`: a graph node's target (FX cannot print a builtin
+    such as ``torch.lstm`` as an argument, but takes any named callable as a target)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.__name__ = f"recompute_{getattr(fn, '__name__', type(fn).__name__)}"
+
+    def __call__(self, *args, **kwargs):
+        return recompute(self.fn, *args, **kwargs)
+
+
 # The markers have effects the graph does not see: keep dead-code elimination off them.
 torch.fx.node.has_side_effect(begin_node)
 torch.fx.node.has_side_effect(end_node)
 
 
 @contextlib.contextmanager
+def sharing_packed():
+    """One forward of several graphs: a storage one graph packed is found packed by the next.
+
+    A tensor made by one graph and saved by it and by a later one is planned once, in the first
+    (the later graph's profile calls it SHARED); the later graph's save reuses the packed form.
+    """
+    previous = getattr(_active, "packed", None)
+    _active.packed = {}
+    try:
+        yield
+    finally:
+        _active.packed = previous
+
+
+def outer_saved_tensor_hooks():
+    """The ``(pack, unpack)`` saved-tensor hooks active now, or ``None``."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False)
+
+
+def inside_checkpoint() -> bool:
+    """Is this forward running under ``torch.utils.checkpoint`` (which keeps nothing inside anyway)?"""
+    hooks = outer_saved_tensor_hooks()
+    return hooks is not None and getattr(hooks[0], "__module__", "") == "torch.utils.checkpoint"
+
+
+@contextlib.contextmanager
 def compressing(table: dict):
-    """Install the pack/unpack hooks for one forward; always removed, even if the forward raises."""
+    """Install the pack/unpack hooks for one forward; always removed, even if the forward raises.
+
+    Saved-tensor hooks already active (``save_on_cpu``) get every save the plan does not pack.
+    """
     if _session() is not None:
         raise RuntimeError("actcompile: compressed forwards cannot nest in one thread")
-    session = _Session(table)
+    outer = outer_saved_tensor_hooks()
+    session = _Session(table, outer, getattr(_active, "packed", None))
     _active.session = session
     try:
         with torch.autograd.graph.saved_tensors_hooks(session.pack, _unpack):
@@ -178,13 +239,16 @@ def compressing(table: dict):
 
 
 @contextlib.contextmanager
-def preserved_state(module: torch.nn.Module):
-    """Run something (calibration, a probe) without a trace on ``module``'s buffers or the RNG.
+def preserved_state(module: torch.nn.Module | None = None, tensors=()):
+    """Run something (calibration, a probe) without a trace on ``module``'s buffers, on
+    ``tensors`` (a captured graph's buffer inputs) or on the RNG.
 
     BatchNorm's running statistics and every random generator are restored afterwards, so the
     next real forward draws the same dropout masks as it would have without the probe.
     """
-    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    kept = list(module.buffers()) if module is not None else []
+    kept += [t for t in tensors if isinstance(t, torch.Tensor)]
+    buffers = [(b, b.detach().clone()) for b in kept]
     devices = sorted({b.device.index for b, _ in buffers if b.device.type == "cuda"} |
                      ({torch.cuda.current_device()} if torch.cuda.is_available() and torch.cuda.is_initialized() else set()))
     with torch.random.fork_rng(devices=devices):

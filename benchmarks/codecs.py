@@ -32,12 +32,12 @@ import torchvision
 from actcompile.codecs import available_codecs, get_codec
 from actcompile.codecs.base import packed_bytes, relative_error
 from actcompile.measure import compare_gradients, forward_backward
-from actcompile.passes.emit import emit_regions
+from actcompile.api import ActCompiledModule
+from actcompile.passes.capture import capture_graphs
 from actcompile.passes.memory import profile_memory
 from actcompile.passes.rules import codec_choices, split_candidates, spec_of
-from actcompile.passes.trace import trace_module
 from actcompile.config import CompileConfig, parse_budget
-from actcompile.plan import Assignment, Plan, Region
+from actcompile.plan import Assignment, ModelPlan, Plan, Region, Section
 from actcompile.codecs.base import codec_options
 from actcompile.zoo import build
 
@@ -70,17 +70,21 @@ def timed(fn, repeats: int = 3) -> float:
 def gradient_error(codec) -> float:
     """Relative L2 error of ResNet-18's gradients when ``codec`` packs every saved activation."""
     model, x = build("resnet18")
-    gm = trace_module(model, x)
-    profile = profile_memory(gm, x)
-    candidates, _ = split_candidates(profile, CompileConfig(budget=parse_budget(1.0), codecs=(codec,)))
     config = CompileConfig(budget=parse_budget(1.0), codecs=(codec,), epsilons=(codec.epsilon or 0.1,))
-    assignments = tuple(
-        Assignment(t.node, t.ordinal, chosen.name, codec_options(chosen), chosen.epsilon, t.nbytes,
-                   chosen.packed_nbytes(spec_of(t)), 0.0, t.shape, t.dtype)
-        for t in candidates for chosen in codec_choices(t, config)[:1])
-    plan = Plan(budget_bytes=profile.baseline_bytes, baseline_bytes=profile.baseline_bytes,
-                regions=(Region("all", codec.name, codec.epsilon, assignments),), skipped=())
-    compressed = emit_regions(gm, plan)
+    sections = []
+    for graph in capture_graphs(model, x):
+        profile = profile_memory(graph)
+        candidates, _ = split_candidates(profile, config)
+        assignments = tuple(
+            Assignment(t.node, t.ordinal, chosen.name, codec_options(chosen), chosen.epsilon, t.nbytes,
+                       chosen.packed_nbytes(spec_of(t)), 0.0, t.shape, t.dtype)
+            for t in candidates for chosen in codec_choices(t, config)[:1])
+        regions = (Region("all", codec.name, codec.epsilon, assignments),) if assignments else ()
+        sections.append(Section(graph.name, Plan(budget_bytes=profile.baseline_bytes,
+                                                 baseline_bytes=profile.baseline_bytes, regions=regions, skipped=())))
+    compressed = ActCompiledModule(model, config)
+    compressed.use_plan(ModelPlan(budget_bytes=max(1, sum(s.plan.baseline_bytes for s in sections)),
+                                  sections=tuple(sections)), x)
     _, reference = forward_backward(model, x)
     _, grads = forward_backward(compressed, x)
     return compare_gradients(reference, grads)[1]

@@ -8,12 +8,11 @@ It also checks that the real forward saves what the (fake) profile predicted.
 
 >>> import torch
 >>> from actcompile.codecs import get_codec
->>> from actcompile.passes.trace import trace_module
+>>> from actcompile.passes.capture import capture_graphs
 >>> model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Tanh(), torch.nn.Linear(256, 4))
->>> x = torch.randn(64, 256)
->>> gm = trace_module(model, x)
->>> result = calibrate(gm, x, {("_1", 0): [get_codec("int8")]})
->>> err, nbytes = result[("_1", 0)][0][1:]
+>>> (graph,) = capture_graphs(model, torch.randn(64, 256))
+>>> result = calibrate(graph, {("input_2", 0): [get_codec("int8")]})
+>>> err, nbytes = result[("input_2", 0)][0][1:]
 >>> err < 0.01, nbytes
 (True, 16896)
 """
@@ -26,19 +25,19 @@ import torch.fx
 from actcompile.codecs.base import packed_bytes, relative_error
 from actcompile.errors import ActCompileError
 from actcompile.runtime import packable_view
+from actcompile.passes.capture import CapturedGraph
 from actcompile.passes.memory import record_saves
-from actcompile.passes.trace import flatten_inputs, normalize_inputs
 
 Key = tuple[str, int]
 
 
-def calibrate(gm: torch.fx.GraphModule, example_inputs, choices: dict[Key, list],
+def calibrate(graph: CapturedGraph, choices: dict[Key, list],
               expected: dict[Key, tuple] | None = None) -> dict[Key, list[tuple[object, float, int]]]:
     """For each ``(node, ordinal)`` in ``choices``: ``[(codec, relative error, packed bytes), ...]``.
 
-    ``expected`` maps keys to the ``(shape, dtype)`` the profile predicted; a mismatch raises.
+    Runs ``graph`` on the real inputs it was captured with. ``expected`` maps keys to the
+    ``(shape, dtype)`` the profile predicted; a mismatch raises.
     """
-    args, kwargs = normalize_inputs(gm, example_inputs)
     results: dict[Key, list] = {}
 
     def on_save(node, ordinal, t, kind):
@@ -56,7 +55,7 @@ def calibrate(gm: torch.fx.GraphModule, example_inputs, choices: dict[Key, list]
             results[key] = [(codec, relative_error(x, codec.unpack(packed)), packed_bytes(packed))
                             for codec in codecs for packed in (codec.pack(x),)]
 
-    record_saves(gm, flatten_inputs(gm, args, kwargs), on_save, fake=False)
+    record_saves(graph.gm, graph.flat_inputs, on_save, fake=False, input_kinds=graph.input_kinds)
     missing = set(choices) - set(results)
     if missing:
         raise ActCompileError(f"calibration: the real forward never saved {sorted(missing)[:5]} (predicted by the profile)")

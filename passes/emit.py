@@ -1,4 +1,4 @@
-"""Rewrite a traced graph so that the plan's saved tensors go through their codecs.
+"""Rewrite a captured graph so that the plan's saved tensors go through their codecs.
 
 ``emit_regions`` copies the graph and brackets every node the plan compresses with
 :func:`actcompile.runtime.begin_node` / :func:`~actcompile.runtime.end_node` markers, and
@@ -16,14 +16,14 @@ Before/after, for a plan that masks the output of ``relu``::
 
 >>> import torch
 >>> from actcompile.plan import Assignment, Plan, Region
->>> from actcompile.passes.trace import trace_module
+>>> from actcompile.passes.capture import capture_graphs
 >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
->>> gm = trace_module(model, torch.randn(4, 8))
->>> a = Assignment("_1", 0, "mask", (), None, 128, 8, 0.0, (4, 8), "float32")
+>>> (graph,) = capture_graphs(model, torch.randn(4, 8))
+>>> a = Assignment("input_2", 0, "mask", (), None, 128, 8, 0.0, (4, 8), "float32")
 >>> plan = Plan(budget_bytes=64, baseline_bytes=128, regions=(Region("r0", "mask", None, (a,)),), skipped=())
->>> out = emit_regions(gm, plan)
->>> [n.name for n in out.graph.nodes]
-['input_1', '_0', 'begin_node', '_1', 'end_node', 'output']
+>>> out = emit_regions(graph.gm, plan)
+>>> [n.name for n in out.graph.nodes if n.op == "call_function"]
+['input_1', 'begin_node', 'input_2', 'end_node']
 """
 
 from __future__ import annotations
@@ -67,8 +67,10 @@ def compression_table(plan: Plan) -> dict:
 def _wrap_in_recompute(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
     """``y = f(x)``  →  ``y = recompute(f, x)``: the same call, its saves re-made in backward."""
     with graph.inserting_before(node):
-        fn = graph.get_attr(node.target) if node.op == "call_module" else node.target
-        call = graph.call_function(runtime.recompute, (fn, *node.args), dict(node.kwargs))
+        if node.op == "call_module":
+            call = graph.call_function(runtime.recompute, (graph.get_attr(node.target), *node.args), dict(node.kwargs))
+        else:
+            call = graph.call_function(runtime.Recomputed(node.target), node.args, dict(node.kwargs))
     call.meta = dict(node.meta)
     node.replace_all_uses_with(call)
     graph.erase_node(node)

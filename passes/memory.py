@@ -6,16 +6,16 @@ node running it as a :class:`~actcompile.plan.SaveEvent` ``(node, ordinal, op, s
 storage)``. Afterwards it walks the autograd graph the outputs hold: that names the backward
 formula reading each save (``op``) and drops saves nothing holds any more. Saves are
 deduplicated by storage (a tensor saved by two ops, or two views of one storage, count once);
-parameters, buffers and the model's inputs are marked and excluded from activation bytes.
-Where an opaque node branches on data, or a meta kernel cannot know what its op saves, the
-profile runs on the real inputs instead, dropping every saved tensor as soon as it is recorded
-(so it still holds no activations) and restoring buffers and RNG afterwards.
+parameters, buffers and the model's inputs are marked (from the capture's input kinds) and
+excluded from activation bytes. Where a meta kernel cannot know what its op saves, the profile
+runs on the real inputs instead, dropping every saved tensor as soon as it is recorded (so it
+still holds no activations) and restoring buffers and RNG afterwards.
 
 >>> import torch
->>> from actcompile.passes.trace import trace_module
+>>> from actcompile.passes.capture import capture_graphs
 >>> model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 4))
->>> x = torch.randn(64, 256)
->>> profile = profile_memory(trace_module(model, x), x)
+>>> (graph,) = capture_graphs(model, torch.randn(64, 256))
+>>> profile = profile_memory(graph)
 >>> profile.baseline_bytes == 64 * 256 * 4      # the ReLU output, saved by ReLU and by Linear, once
 True
 >>> sorted(t.kind.value for t in profile.tensors)
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.fx
@@ -34,10 +34,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
-from actcompile.plan import MemoryProfile, SavedTensor, SaveEvent, TensorKind, Use
+from actcompile.plan import LATER_USE, MemoryProfile, SavedTensor, SaveEvent, TensorKind, Use
 from actcompile.runtime import packable_view, preserved_state
 from actcompile.passes.rules import recomputable
-from actcompile.passes.trace import is_data_dependent, flatten_inputs, normalize_inputs
+from actcompile.passes.capture import CapturedGraph
 
 
 class _SaveRecorder(torch.fx.Interpreter):
@@ -72,36 +72,46 @@ class _SaveRecorder(torch.fx.Interpreter):
         return index    # only a token is kept: the profile holds no activations
 
 
+class SaveRecord(NamedTuple):
+    holders: dict[int, Use]   # save index -> the autograd node reading it, for saves still held
+    autograd_nodes: int       # nodes of the autograd graph the forward leaves behind
+    output: object            # what the graph returned (it cannot be differentiated: nothing was kept)
+
+
 def record_saves(gm: torch.fx.GraphModule, flat_inputs: list, on_save, *, fake: bool,
-                 on_node=None) -> tuple[dict[int, Use], int]:
+                 input_kinds=None, on_node=None) -> SaveRecord:
     """Run ``gm`` forward once with grad enabled, calling ``on_save(node, ordinal, tensor, kind)``
     at every save (and ``on_node(node, tensor arguments)`` before every node, if given).
 
-    ``kind`` says whether the saved storage is a parameter, buffer, model input or activation.
-    On FakeTensors, parameters and buffers are swapped for fakes through ``functional_call``.
-    Returns ``{save index: Use}`` (the autograd node reading it) for the saves the outputs'
-    autograd graph still holds at the end of the forward (see :func:`_saving_nodes`; other saves were released), and
-    the number of autograd nodes in that graph.
+    ``kind`` says whether the saved storage is a parameter, buffer, model input or activation:
+    ``input_kinds`` gives it for each graph input (default: every input is a model input).
+    On FakeTensors, the inputs (and any parameters the graph module owns) are swapped for fakes.
+    Returns a :class:`SaveRecord`: ``{save index: Use}`` (the autograd node reading it) for the
+    saves the outputs' autograd graph still holds at the end of the forward (see
+    :func:`_saving_nodes`; other saves were released), the number of autograd nodes in that
+    graph, and the graph's output.
     """
     recorder = _SaveRecorder(gm, None, on_node)
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     state = dict(gm.named_parameters())   # tied weights once; functional_call re-ties the rest
     state.update(gm.named_buffers())
+    kinds = list(input_kinds) if input_kinds is not None else [TensorKind.INPUT] * len(flat_inputs)
     with contextlib.ExitStack() as stack:
         if fake:
             stack.enter_context(mode)
             state = {name: _fake_like(mode, t) for name, t in state.items()}
-            flat_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in flat_inputs]
+            flat_inputs = [_fake_like(mode, x) if isinstance(x, torch.Tensor) else x for x in flat_inputs]
         else:
-            stack.enter_context(preserved_state(gm))
+            stack.enter_context(preserved_state(gm, [x for x, kind in zip(flat_inputs, kinds)
+                                                     if kind in (TensorKind.BUFFER, TensorKind.HELD)]))
         owned: dict[int, TensorKind] = {}
         buffer_names = {name for name, _ in gm.named_buffers()}
         for name, t in state.items():
             kind = TensorKind.BUFFER if name in buffer_names else TensorKind.PARAMETER
             owned.setdefault(StorageWeakRef(t.untyped_storage()).cdata, kind)
-        for x in flat_inputs:
-            if isinstance(x, torch.Tensor):
-                owned.setdefault(StorageWeakRef(x.untyped_storage()).cdata, TensorKind.INPUT)
+        for x, kind in zip(flat_inputs, kinds):
+            if isinstance(x, torch.Tensor) and kind is not TensorKind.ACTIVATION:
+                owned.setdefault(StorageWeakRef(x.untyped_storage()).cdata, kind or TensorKind.INPUT)
 
         def kind_of(t):
             return owned.get(StorageWeakRef(t.untyped_storage()).cdata, TensorKind.ACTIVATION)
@@ -111,7 +121,7 @@ def record_saves(gm: torch.fx.GraphModule, flat_inputs: list, on_save, *, fake: 
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(recorder.pack, _token_unpack))
         out = torch.func.functional_call(_Runner(recorder), {f"gm.{k}": v for k, v in state.items()},
                                          tuple(flat_inputs), strict=False, tie_weights=True)
-        return _saving_nodes(out)
+        return SaveRecord(*_saving_nodes(out), out)
 
 
 _unpacked = threading.local()
@@ -159,7 +169,7 @@ def _saving_nodes(out) -> tuple[dict[int, Use], int]:
 
 def _fake_like(mode: FakeTensorMode, t: torch.Tensor) -> torch.Tensor:
     fake = mode.from_tensor(t)
-    if isinstance(t, torch.nn.Parameter):
+    if isinstance(t, torch.nn.Parameter) and not isinstance(fake, torch.nn.Parameter):
         fake = torch.nn.Parameter(fake, requires_grad=t.requires_grad)
     return fake
 
@@ -179,15 +189,16 @@ class _Runner(torch.nn.Module):
 class _Collector:
     """Builds SaveEvents and deduplicated SavedTensors from the stream of pack-hook calls."""
 
-    def __init__(self, opaque_nodes: set[str]):
-        self.opaque_nodes = opaque_nodes
+    def __init__(self, held_inputs: frozenset[str] = frozenset(), saved_later=frozenset()):
+        self.held_inputs = held_inputs   # placeholders of buffers and other held state: never recomputed
+        self.saved_later = saved_later   # (node, ordinal) of saves a later graph saves again
         self.saves: list[tuple] = []     # (node, ordinal, shape, dtype, storage index)
         self.storages: dict[int, tuple[StorageWeakRef, int]] = {}
         self.first: list[dict] = []
         self.args_of: dict[str, list] = {}   # recomputable node -> its argument storages (kept alive)
 
     def node_args(self, node: torch.fx.Node, tensors: list[torch.Tensor]) -> None:
-        if recomputable(node):
+        if recomputable(node, self.held_inputs):
             self.args_of[node.name] = [t.untyped_storage() for t in tensors]
 
     def _inputs(self) -> tuple:
@@ -213,7 +224,7 @@ class _Collector:
             self.storages[ref.cdata] = (ref, index)
             self.first.append(dict(index=index, node=node, ordinal=ordinal, shape=tuple(t.shape),
                                    dtype=str(t.dtype).removeprefix("torch."), nbytes=storage.nbytes(),
-                                   kind=kind, packed_shape=tuple(packed.shape), opaque=node in self.opaque_nodes))
+                                   kind=kind, packed_shape=tuple(packed.shape)))
         self.saves.append((node, ordinal, tuple(t.shape), str(t.dtype).removeprefix("torch."), index))
 
     def profile(self, holders: dict[int, Use], autograd_nodes: int, node_order, mode) -> MemoryProfile:
@@ -225,7 +236,10 @@ class _Collector:
             if i in holders:
                 events.append(SaveEvent(node, ordinal, holders[i].op, shape, dtype, index))
                 uses.setdefault(index, []).append(holders[i])
-        tensors = tuple(SavedTensor(**dict(f, uses=tuple(uses[f["index"]])))
+        later = {index for node, ordinal, _, _, index in self.saves if (node, ordinal) in self.saved_later}
+        for index in later:   # read by a backward of another graph too: no codec exact only for ours
+            uses.setdefault(index, []).append(Use(LATER_USE, ()))
+        tensors = tuple(SavedTensor(**dict(f, uses=tuple(uses[f["index"]]), saved_later=f["index"] in later))
                         for f in self.first if f["index"] in uses)
         return MemoryProfile(tensors=tensors, events=tuple(events), node_order=tuple(node_order), mode=mode,
                              autograd_nodes=autograd_nodes, node_inputs=self._inputs())
@@ -237,27 +251,26 @@ def _has_unknown_workspace(profile: MemoryProfile) -> bool:
     return any(t.nbytes == 0 for t in profile.tensors if t.is_activation)
 
 
-def profile_memory(gm: torch.fx.GraphModule, example_inputs, *, mode: str = "auto") -> MemoryProfile:
-    """The :class:`MemoryProfile` of one forward of ``gm`` on ``example_inputs``.
+def profile_memory(graph: CapturedGraph, *, mode: str = "auto") -> MemoryProfile:
+    """The :class:`MemoryProfile` of one forward of a captured graph on the inputs it was captured with.
 
     ``mode="fake"`` runs on FakeTensors, ``"real"`` on the real inputs (dropping saved tensors at
-    once), ``"auto"`` (default) fake unless the graph branches on data or a meta kernel cannot
-    tell the size of what its op saves (an empty saved workspace).
+    once), ``"auto"`` (default) fake unless the graph has an op without a meta kernel or one
+    that cannot tell the size of what it saves (an empty saved workspace).
     """
     if mode not in ("auto", "fake", "real"):
         raise ValueError(f"profile_memory(mode={mode!r}): accepted are 'auto', 'fake', 'real'")
-    from actcompile import meta
-
-    args, kwargs = normalize_inputs(gm, example_inputs)
-    flat = flatten_inputs(gm, args, kwargs)
-    opaque = {n.name for n in gm.graph.nodes if meta.is_opaque(n)}
+    gm = graph.gm
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    held = frozenset(n.name for n, kind in zip(placeholders, graph.input_kinds)
+                     if kind in (TensorKind.BUFFER, TensorKind.HELD))
     for attempt in (("fake", "real") if mode == "auto" else (mode,)):
-        collector = _Collector(opaque)
+        collector = _Collector(held, frozenset(graph.saved_later))
         try:
-            holders, autograd_nodes = record_saves(gm, flat, collector, fake=attempt == "fake",
-                                                   on_node=collector.node_args)
+            holders, autograd_nodes, _ = record_saves(gm, graph.flat_inputs, collector, fake=attempt == "fake",
+                                                      input_kinds=graph.input_kinds, on_node=collector.node_args)
         except Exception as err:
-            if attempt == "fake" and mode == "auto" and is_data_dependent(err):
+            if attempt == "fake" and mode == "auto" and needs_real_inputs(err):
                 continue
             raise
         profile = collector.profile(holders, autograd_nodes, (n.name for n in gm.graph.nodes), attempt)
@@ -265,3 +278,11 @@ def profile_memory(gm: torch.fx.GraphModule, example_inputs, *, mode: str = "aut
             continue
         return profile
     raise AssertionError("unreachable")
+
+
+def needs_real_inputs(err: BaseException) -> bool:
+    """Did a FakeTensor run fail where the real inputs would not (data-dependent values, no meta kernel)?"""
+    text = f"{type(err).__name__}: {err}"
+    return any(s in text for s in ("DataDependent", "data-dependent", "data dependent", "GuardOnDataDependent",
+                                   "Unbacked", "item()", "meta kernel", "DynamicOutputShape",
+                                   "UnsupportedOperatorException"))

@@ -68,71 +68,127 @@ def _weight(t: SavedTensor, config: CompileConfig) -> float:
 def choose_plan(profile: MemoryProfile, config: CompileConfig,
                 calibration: dict[Key, list[tuple[object, float, int]]]) -> Plan:
     """The least-error plan whose planned activation bytes fit ``config.budget``; see the module doc."""
-    baseline = profile.baseline_bytes
+    return choose_plans([profile], config, [calibration])[0]
+
+
+@dataclasses.dataclass
+class _GraphProblem:
+    """One graph's share of the knapsack: its items, and how to read the chosen options back."""
+
+    profile: MemoryProfile
+    candidates: list[SavedTensor]
+    skips: list[Skip]
+    per_tensor: list[list[tuple[object, float, int]]]
+    recomputes: list
+    inside_skips: list[Skip]
+    fixed: int
+    reserve: int
+    items: list[list[Option]]   # one knapsack item per candidate tensor, then per recompute candidate
+
+    @classmethod
+    def build(cls, profile: MemoryProfile, config: CompileConfig, calibration: dict,
+              repeats: int = 1) -> "_GraphProblem":
+        """``repeats``: how often the forward runs this graph (one block's code, called per block);
+        its plan applies to every call, so its bytes count that many times."""
+        candidates, skips = split_candidates(profile, config)
+        # Storages inside a recomputable node are decided with the node (keep it, or recompute it).
+        recomputes = recompute_candidates(profile, config) if config.recompute else []
+        inside = {(t.node, t.ordinal) for r in recomputes for t in r.internal}
+        inside_skips = [s for s in skips if (s.node, s.ordinal) in inside]
+        skips = [s for s in skips if (s.node, s.ordinal) not in inside]
+        candidates = [t for t in candidates if (t.node, t.ordinal) not in inside]
+        per_tensor = [_options(t, calibration.get((t.node, t.ordinal), [])) for t in candidates]
+        fixed = repeats * (profile.baseline_bytes - sum(t.nbytes for t in candidates)
+                           - sum(r.bytes_before for r in recomputes))
+        reserve = repeats * (config.reserve_bytes_per_node * profile.autograd_nodes
+                             + config.reserve_bytes_per_packed * len(candidates))
+        items = ([[Option(repeats * nbytes, repeats * _weight(t, config) * error**2) for _, error, nbytes in opts]
+                  for t, opts in zip(candidates, per_tensor)]
+                 + [[Option(repeats * r.bytes_before, 0.0), Option(repeats * r.bytes_after, 0.0)] for r in recomputes])
+        return cls(profile, candidates, skips, per_tensor, recomputes, inside_skips, fixed, reserve, items)
+
+    def decode(self, chosen: list[int]) -> tuple[list[Assignment], list[Skip]]:
+        """The assignments and skips of ``chosen`` (one option index per item of :attr:`items`)."""
+        skips = list(self.skips)
+        n = len(self.candidates)
+        exact = {i for r, pick in zip(self.recomputes, chosen[n:]) if pick for i in r.arguments}
+        assignments = []
+        for t, opts, pick in zip(self.candidates, self.per_tensor, chosen):
+            codec, error, nbytes = opts[pick]
+            if t.index in exact:   # an argument of a recomputed node; counted whole in its bytes_after
+                skips.append(Skip(t.node, t.ordinal, SkipReason.NOT_NEEDED, "argument of a recomputed node", t.nbytes))
+                continue
+            if codec is None:
+                reason = SkipReason.NOT_NEEDED if len(opts) > 1 else SkipReason.NO_CODEC
+                skips.append(Skip(t.node, t.ordinal, reason, "", t.nbytes))
+                continue
+            if not codec.fixed_rate and getattr(codec, "max_bytes", 0) is None:
+                # another batch may need more bytes for the same ε: cap it at what was planned
+                codec = dataclasses.replace(codec, max_bytes=nbytes)
+            assignments.append(Assignment(node=t.node, ordinal=t.ordinal, codec=codec.name,
+                                          options=codec_options(codec), epsilon=codec.epsilon,
+                                          bytes_before=t.nbytes, bytes_after=nbytes, error=error,
+                                          shape=t.shape, dtype=t.dtype))
+        for r, pick in zip(self.recomputes, chosen[n:]):
+            if pick == 0:
+                skips += [s for s in self.inside_skips if s.node == r.node]
+                skips += [Skip(t.node, t.ordinal, SkipReason.NOT_NEEDED, "", t.nbytes) for t in r.internal
+                          if not any(s.node == t.node and s.ordinal == t.ordinal for s in self.inside_skips)]
+                continue
+            skips += [Skip(t.node, t.ordinal, SkipReason.RECOMPUTED, "", t.nbytes) for t in r.internal]
+            assignments.append(Assignment(node=r.node, ordinal=min(t.ordinal for t in r.internal), codec=RECOMPUTE,
+                                          options=(), epsilon=None, bytes_before=r.bytes_before,
+                                          bytes_after=r.bytes_after, error=0.0))
+        return assignments, skips
+
+
+def choose_plans(profiles: list[MemoryProfile], config: CompileConfig, calibrations: list[dict], *,
+                 fixed_bytes: int = 0, repeats: list[int] | None = None) -> list[Plan]:
+    """One plan per graph of a forward, chosen jointly: all graphs share ``config.budget``.
+
+    A forward split by graph breaks runs several graphs; one knapsack over all their saved
+    tensors puts the bytes where they cost least error, whichever graph holds them.
+    ``fixed_bytes`` are kept by the forward outside these graphs (already-planned graphs):
+    they count against the budget and cannot be compressed here. Each plan's ``budget_bytes``
+    is its share: its planned bytes plus the slack left under the budget, split by baseline.
+    ``repeats[i]`` is how often the forward runs graph ``i`` (default once each).
+    """
+    repeats = list(repeats) if repeats is not None else [1] * len(profiles)
+    baselines = [p.baseline_bytes for p in profiles]
+    baseline = sum(b * r for b, r in zip(baselines, repeats)) + fixed_bytes
     budget_bytes = config.budget.resolve(baseline)
     if budget_bytes <= 0:
         raise BudgetError(f"budget {config.budget} resolves to {budget_bytes} bytes; it must be at least 1 byte",
                           smallest_bytes=None)
-    candidates, skips = split_candidates(profile, config)
-    if baseline <= budget_bytes:
-        skips += [Skip(t.node, t.ordinal, SkipReason.NOT_NEEDED, "", t.nbytes) for t in candidates]
-        return Plan(budget_bytes=budget_bytes, baseline_bytes=baseline, regions=(), skipped=tuple(skips))
-
-    # Storages inside a recomputable node are decided with the node (keep it, or recompute it).
-    recomputes = recompute_candidates(profile, config) if config.recompute else []
-    inside = {(t.node, t.ordinal) for r in recomputes for t in r.internal}
-    inside_skips = [s for s in skips if (s.node, s.ordinal) in inside]
-    skips = [s for s in skips if (s.node, s.ordinal) not in inside]
-    candidates = [t for t in candidates if (t.node, t.ordinal) not in inside]
-
-    per_tensor = [_options(t, calibration.get((t.node, t.ordinal), [])) for t in candidates]
-    fixed = baseline - sum(t.nbytes for t in candidates) - sum(r.bytes_before for r in recomputes)
-    reserve = (config.reserve_bytes_per_node * profile.autograd_nodes
-               + config.reserve_bytes_per_packed * len(candidates))
-    items = [[Option(nbytes, _weight(t, config) * error**2) for _, error, nbytes in opts]
-             for t, opts in zip(candidates, per_tensor)]
-    items += [[Option(r.bytes_before, 0.0), Option(r.bytes_after, 0.0)] for r in recomputes]
-    chosen = choose_options(items, budget_bytes - fixed - reserve)
-    if chosen is None:
-        smallest = fixed + reserve + sum(min(o.nbytes for o in opts) for opts in items)
-        raise BudgetError(
-            f"no plan fits the budget of {format_bytes(budget_bytes)} ({budget_bytes} B): the smallest "
-            f"achievable with codecs {[c.name for c in config.codecs]} is {format_bytes(smallest)} "
-            f"({smallest} B) of {format_bytes(baseline)} uncompressed; {format_bytes(fixed)} of it cannot "
-            f"be compressed (see Plan.skipped via explain())",
-            smallest_bytes=smallest,
-        )
-
-    exact = {i for r, pick in zip(recomputes, chosen[len(candidates):]) if pick for i in r.arguments}
-    assignments = []
-    for t, opts, pick in zip(candidates, per_tensor, chosen):
-        codec, error, nbytes = opts[pick]
-        if t.index in exact:   # an argument of a recomputed node; counted whole in its bytes_after
-            skips.append(Skip(t.node, t.ordinal, SkipReason.NOT_NEEDED, "argument of a recomputed node", t.nbytes))
-            continue
-        if codec is None:
-            reason = SkipReason.NOT_NEEDED if len(opts) > 1 else SkipReason.NO_CODEC
-            skips.append(Skip(t.node, t.ordinal, reason, "", t.nbytes))
-            continue
-        if not codec.fixed_rate and getattr(codec, "max_bytes", 0) is None:
-            # another batch may need more bytes for the same ε: cap it at what was planned
-            codec = dataclasses.replace(codec, max_bytes=nbytes)
-        assignments.append(Assignment(node=t.node, ordinal=t.ordinal, codec=codec.name,
-                                      options=codec_options(codec), epsilon=codec.epsilon,
-                                      bytes_before=t.nbytes, bytes_after=nbytes, error=error,
-                                      shape=t.shape, dtype=t.dtype))
-    for r, pick in zip(recomputes, chosen[len(candidates):]):
-        if pick == 0:
-            skips += [s for s in inside_skips if s.node == r.node]
-            skips += [Skip(t.node, t.ordinal, SkipReason.NOT_NEEDED, "", t.nbytes) for t in r.internal
-                      if not any(s.node == t.node and s.ordinal == t.ordinal for s in inside_skips)]
-            continue
-        skips += [Skip(t.node, t.ordinal, SkipReason.RECOMPUTED, "", t.nbytes) for t in r.internal]
-        assignments.append(Assignment(node=r.node, ordinal=min(t.ordinal for t in r.internal), codec=RECOMPUTE,
-                                      options=(), epsilon=None, bytes_before=r.bytes_before,
-                                      bytes_after=r.bytes_after, error=0.0))
-    return Plan(budget_bytes=budget_bytes, baseline_bytes=baseline,
-                regions=_regions(assignments, profile.node_order), skipped=tuple(skips))
+    problems = [_GraphProblem.build(p, config, c, r) for p, c, r in zip(profiles, calibrations, repeats)]
+    if baseline <= budget_bytes:   # already met: every item keeps its bytes
+        decoded = [problem.decode([0] * len(problem.items)) for problem in problems]
+    else:
+        items = [item for problem in problems for item in problem.items]
+        fixed = fixed_bytes + sum(p.fixed for p in problems)
+        reserve = sum(p.reserve for p in problems)
+        chosen = choose_options(items, budget_bytes - fixed - reserve)
+        if chosen is None:
+            smallest = fixed + reserve + sum(min(o.nbytes for o in opts) for opts in items)
+            raise BudgetError(
+                f"no plan fits the budget of {format_bytes(budget_bytes)} ({budget_bytes} B): the smallest "
+                f"achievable with codecs {[c.name for c in config.codecs]} is {format_bytes(smallest)} "
+                f"({smallest} B) of {format_bytes(baseline)} uncompressed; {format_bytes(fixed)} of it cannot "
+                f"be compressed (see Plan.skipped via explain())",
+                smallest_bytes=smallest,
+            )
+        decoded, offset = [], 0
+        for problem in problems:
+            decoded.append(problem.decode(chosen[offset:offset + len(problem.items)]))
+            offset += len(problem.items)
+    planned = [b - sum(a.bytes_before - a.bytes_after for a in assignments)
+               for b, (assignments, _) in zip(baselines, decoded)]
+    slack = max(0, budget_bytes - fixed_bytes - sum(p * r for p, r in zip(planned, repeats)))
+    total = max(baseline - fixed_bytes, 1)
+    shares = [p + slack * b // total for p, b in zip(planned, baselines)]   # per call
+    return [Plan(budget_bytes=share, baseline_bytes=problem.profile.baseline_bytes,
+                 regions=_regions(assignments, problem.profile.node_order), skipped=tuple(skips))
+            for share, problem, (assignments, skips) in zip(shares, problems, decoded)]
 
 
 def _regions(assignments: list[Assignment], node_order: tuple[str, ...]) -> tuple[Region, ...]:

@@ -7,7 +7,7 @@ A codec may have ``exact_for(uses)``: the variant of itself that is lossless for
 uses even though it does not reproduce the values (``mask`` keeps only ``x > 0``, all ReLU's
 backward reads), or ``None``. Such a codec is offered for a tensor only in that variant, or
 where its measured error on the tensor is exactly zero (a two-valued tensor such as CPU
-dropout noise); never inside an opaque node, whose uses may differ from call to call.
+dropout noise).
 
 >>> from actcompile.codecs import get_codec
 >>> from actcompile.plan import Use
@@ -32,6 +32,8 @@ _KIND_REASON = {
     TensorKind.PARAMETER: SkipReason.PARAMETER,
     TensorKind.BUFFER: SkipReason.BUFFER,
     TensorKind.INPUT: SkipReason.INPUT,
+    TensorKind.HELD: SkipReason.HELD,
+    TensorKind.SHARED: SkipReason.SHARED,
 }
 
 
@@ -46,12 +48,18 @@ def exact_for_use(codec, uses) -> bool:
     return exact_for is not None and bool(uses) and exact_for(uses) == codec
 
 
-def recomputable(node: torch.fx.Node) -> bool:
+def recomputable(node: torch.fx.Node, held_inputs: frozenset[str] = frozenset()) -> bool:
     """Can ``node`` run again in backward with the same result and no side effect?
 
-    Modules with buffers (BatchNorm's running statistics would update twice) or ``inplace=True``,
-    mutating ATen ops, and Python callables outside torch are not.
+    Not: a node reading a buffer or other held state (``held_inputs``, placeholder names: a
+    training BatchNorm would update its running statistics twice), modules with buffers or
+    ``inplace=True``, mutating ATen ops, higher-order ops (a custom Function, a checkpoint), and
+    Python callables outside torch.
     """
+    if any(a.name in held_inputs for a in node.all_input_nodes):
+        return False
+    if isinstance(node.target, torch._ops.HigherOrderOperator):
+        return False
     if node.op == "call_module":
         module = node.graph.owning_module.get_submodule(node.target)
         return (next(module.buffers(), None) is None
@@ -150,8 +158,6 @@ def codec_choices(t: SavedTensor, config: CompileConfig) -> list:
             elif not getattr(codec, "sign_exact", False):
                 continue
         if hasattr(codec, "exact_for"):
-            if t.opaque:
-                continue
             codec = codec.exact_for(t.uses) or codec   # else kept only if measured exact
         if codec.fixed_rate or codec.epsilon is not None:
             choices.append(codec)

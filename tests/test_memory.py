@@ -1,13 +1,14 @@
 import torch
 from torch import nn
 
+from actcompile.passes.capture import capture_graphs
 from actcompile.passes.memory import profile_memory
-from actcompile.passes.trace import trace_module
 from actcompile.plan import TensorKind
 
 
 def profile(model, x, **kw):
-    return profile_memory(trace_module(model, x), x, **kw)
+    (graph,) = capture_graphs(model, x)
+    return profile_memory(graph, **kw)
 
 
 def test_storage_saved_twice_counts_once_and_lists_both_uses():
@@ -66,8 +67,8 @@ def test_fake_profile_equals_real_profile():
     model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4))
     x = torch.randn(4, 3, 16, 16)
     model(x)   # materialize the lazy layer
-    gm = trace_module(model, x)
-    fake, real = profile_memory(gm, x, mode="fake"), profile_memory(gm, x, mode="real")
+    (graph,) = capture_graphs(model, x)
+    fake, real = profile_memory(graph, mode="fake"), profile_memory(graph, mode="real")
     assert fake.mode == "fake" and real.mode == "real"
     assert [(t.node, t.ordinal, t.shape, t.nbytes, t.kind) for t in fake.tensors] == \
            [(t.node, t.ordinal, t.shape, t.nbytes, t.kind) for t in real.tensors]
@@ -86,5 +87,5 @@ def test_bytes_by_node_attributes_each_storage_to_its_first_saver():
     model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 32), nn.ReLU(), nn.Linear(32, 4))
     p = profile(model, torch.randn(16, 64))
     by_node = p.bytes_by_node()
-    assert by_node == {"_1": 16 * 128 * 4, "_3": 16 * 32 * 4}   # tanh and ReLU outputs, saved by themselves
+    assert by_node == {"input_2": 16 * 128 * 4, "input_4": 16 * 32 * 4}   # tanh and ReLU outputs, saved by themselves
     assert sum(by_node.values()) == p.baseline_bytes

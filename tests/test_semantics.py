@@ -1,0 +1,236 @@
+"""Capture never changes what the model computes (DESIGN.md): the semantics matrix, eager back end.
+
+Each construct a plain tracer loses, on a small MLP big enough to compress: the forward must be
+bit-identical to the plain model's, the gradients equal at ``budget=1.0`` (nothing compressed)
+and close at ``budget=0.25``, with the model's real loss (cross-entropy against labels).
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from actcompile import actcompile
+
+WIDTH, BATCH = 256, 64
+
+
+class GradReverse(torch.autograd.Function):
+    """Identity forward, negated gradient backward: autograd of its forward would not reverse."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return -grad * (1 + 0 * x)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x))
+
+
+class Matrix(nn.Module):
+    """One construct switched on by name; the rest of the network is the same for all."""
+
+    def __init__(self, construct: str):
+        super().__init__()
+        self.construct = construct
+        self.a, self.b, self.c = Block(), Block(), Block()
+        self.teacher = Block()
+        self.head = nn.Linear(WIDTH, 10)
+        self.temperature = 1.0
+
+    def forward(self, x):
+        h = self.a(x)
+        kind = self.construct
+        if kind == "function":
+            h = GradReverse.apply(h)
+        elif kind == "no_grad":
+            with torch.no_grad():
+                target = self.teacher(x)
+            h = h + 0.5 * target
+        elif kind == "autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                h = self.b(h)
+            h = h.float()
+        elif kind == "checkpoint":
+            h = torch.utils.checkpoint.checkpoint(lambda z: self.c(self.b(z)), h, use_reentrant=False)
+        elif kind == "blocks":               # the same as "checkpoint", not checkpointed
+            h = self.c(self.b(h))
+        elif kind == "branch":
+            h = self.b(h) if h.mean() > 0 else torch.sigmoid(self.c(h)) * 2
+        elif kind == "attribute":
+            h = h / self.temperature
+        elif kind == "inplace":
+            h = self.b.lin(h)
+            h.relu_()
+            h = self.c.lin(h)
+            h.add_(1.0)
+        h = self.b(h) if kind not in ("autocast", "checkpoint", "blocks") else h
+        return self.head(torch.relu(self.c(h)))
+
+
+def hooks(model: Matrix) -> Matrix:
+    """Forward hooks and pre-hooks on the root and on a non-leaf module that change the forward."""
+    model.register_forward_pre_hook(lambda m, args: (args[0] * 0.5,))
+    model.b.register_forward_pre_hook(lambda m, args: (args[0] + 0.1,))
+    model.b.register_forward_hook(lambda m, args, out: out * 2)
+    model.register_forward_hook(lambda m, args, out: out - out.mean())
+    return model
+
+
+def make(construct: str):
+    torch.manual_seed(0)
+    model = Matrix("none" if construct == "hooks" else construct)
+    if construct == "hooks":
+        hooks(model)
+    x = torch.randn(BATCH, WIDTH)
+    if construct == "branch":
+        x = x.abs()
+    labels = torch.randint(0, 10, (BATCH,), generator=torch.Generator().manual_seed(1))
+    return model.train(), x, labels
+
+
+def step(model, x, labels, seed=0):
+    """``(output, {name: grad})`` of one cross-entropy step from a fixed RNG state."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = model(x)
+    F.cross_entropy(out, labels).backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def cosine(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys(), f"parameters with gradients differ: {sorted(a.keys() ^ b.keys())}"
+    u = torch.cat([a[k].flatten() for k in a]).double()
+    v = torch.cat([b[k].flatten() for k in a]).double()
+    return F.cosine_similarity(u, v, dim=0).item()
+
+
+CONSTRUCTS = ["function", "no_grad", "autocast", "checkpoint", "hooks", "branch", "attribute", "inplace"]
+
+
+@pytest.mark.parametrize("construct", CONSTRUCTS)
+@pytest.mark.parametrize("budget", [1.0, 0.25])
+def test_construct_behaves_as_without_actcompile(construct, budget):
+    model, x, labels = make(construct)
+    compiled = actcompile(model, budget=budget, example_inputs=x)
+    if construct == "attribute":
+        model.temperature = 3.0          # read in forward after planning: never stale
+    if construct == "branch":
+        x = -x                           # the branch not taken while planning
+    ref_out, ref = step(model, x, labels)
+    out, got = step(compiled, x, labels)
+    assert torch.equal(out, ref_out), f"{construct}: forward changed by {(out - ref_out).abs().max():.3g}"
+    if budget == 1.0:
+        assert compiled.last_stats.packed_tensors == 0
+        for name in ref:
+            assert torch.equal(got[name], ref[name]), f"{construct}: gradient of {name} differs at budget 1.0"
+    else:
+        assert compiled.last_stats.packed_tensors > 0, f"{construct}: nothing was compressed at 1/4"
+        c = cosine(ref, got)
+        assert c > 0.99, f"{construct}: gradient cosine {c:.5f} at budget 1/4"
+    assert set(got) == set(ref)
+    if construct == "no_grad":
+        assert model.teacher.lin.weight.grad is None, "the frozen teacher got gradients"
+
+
+def test_custom_function_keeps_its_own_backward():
+    """The reversal must survive: the gradient of ``a`` is the negation of the plain autograd one."""
+    model, x, labels = make("function")
+    _, reversed_grads = step(actcompile(model, budget=0.25, example_inputs=x), x, labels)
+    plain = copy.deepcopy(model)
+    plain.construct = "none"
+    _, plain_grads = step(plain, x, labels)
+    c = F.cosine_similarity(reversed_grads["a.lin.weight"].flatten(), plain_grads["a.lin.weight"].flatten(), dim=0)
+    assert c < -0.9, f"gradient through the custom Function has cosine {c:.3f} with the un-reversed one"
+
+
+def test_checkpoint_inside_forward_still_frees_its_activations():
+    model, x, labels = make("checkpoint")
+    plain, _, _ = make("blocks")
+    kept = actcompile(model, budget=1.0, example_inputs=x).plan.baseline_bytes
+    without = actcompile(plain, budget=1.0, example_inputs=x).plan.baseline_bytes
+    assert kept < without, f"checkpointed blocks keep {kept} B, as much as without checkpoint ({without} B)"
+
+
+def test_freezing_a_layer_after_planning_recaptures_and_packs_no_parameter():
+    model, x, labels = make("none")
+    compiled = actcompile(model, budget=0.25, example_inputs=x)
+    model.a.lin.weight.requires_grad_(False)
+    ref_out, ref = step(model, x, labels)
+    out, got = step(compiled, x, labels)
+    assert torch.equal(out, ref_out)
+    assert "a.lin.weight" not in got and model.a.lin.weight.grad is None
+    assert cosine(ref, got) > 0.99
+    parameters = {tuple(p.shape) for p in model.parameters()}
+    for a in compiled.plan.assignments:   # every packed tensor is an activation (batch-sized)
+        assert a.shape[0] == BATCH and tuple(a.shape) not in parameters, a
+
+
+def test_outer_save_on_cpu_still_gets_the_saves_the_plan_leaves():
+    model, x, labels = make("none")
+    compiled = actcompile(model, budget=0.25, example_inputs=x)
+    offloaded = []
+
+    def pack(t):
+        offloaded.append(t.nbytes)
+        return t.clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, got = step(compiled, x, labels)
+    _, ref = step(model, x, labels)
+    assert offloaded, "an outer saved-tensor hook was silently defeated"
+    assert compiled.last_stats.packed_tensors > 0
+    assert cosine(ref, got) > 0.99
+    with torch.autograd.graph.save_on_cpu():
+        _, on_cpu = step(compiled, x, labels)
+    assert cosine(ref, on_cpu) > 0.99
+
+
+def test_outer_checkpoint_around_the_compressed_model_composes():
+    model, x, labels = make("none")
+    compiled = actcompile(model, budget=0.25, example_inputs=x)
+    compiled.zero_grad()
+    model.zero_grad()
+    torch.manual_seed(0)
+    out = torch.utils.checkpoint.checkpoint(compiled, x, use_reentrant=False)
+    F.cross_entropy(out, labels).backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    _, ref = step(model, x, labels)
+    assert cosine(ref, got) > 0.9999, "checkpoint keeps nothing inside: the result must be exact"
+
+
+def test_double_backward():
+    """A gradient penalty (backward through backward) works on unpacked tensors."""
+    def penalty_grads(net):
+        net.zero_grad(set_to_none=True)
+        out = net(x)
+        loss = F.cross_entropy(out, labels)
+        grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=True, allow_unused=True)
+        (loss + sum(g.pow(2).sum() for g in grads if g is not None)).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model, x, labels = make("none")
+    model.c = Block()
+    for m in (model.a, model.b, model.c):
+        m.forward = lambda z, lin=m.lin: torch.sigmoid(lin(z))   # twice-differentiable
+    ref = penalty_grads(model)
+    exact = penalty_grads(actcompile(model, budget=1.0, example_inputs=x))
+    assert all(torch.allclose(exact[n], ref[n], rtol=1e-5, atol=1e-7) for n in ref)
+    compressed = actcompile(model, budget=0.25, example_inputs=x)
+    approx = penalty_grads(compressed)
+    assert compressed.last_stats.packed_tensors > 0
+    assert cosine(ref, approx) > 0.99
