@@ -45,7 +45,7 @@ from torch import nn
 
 from actcompile.codecs import get_codec
 from actcompile.config import Budget, CompileConfig, default_codecs, parse_budget
-from actcompile.errors import ActCompileError, CodecError
+from actcompile.errors import CodecError
 from actcompile.passes.calibrate import calibrate
 from actcompile.passes.capture import (CapturedGraph, GraphRunner, Inputs, capture_graphs, dynamo_forward,
                                        handling, input_kinds, normalize_inputs)
@@ -193,7 +193,7 @@ class ActCompiledModule(nn.Module):
             plans = choose_plans([p for p, _ in measured], self.compile_config, [c for _, c in measured],
                                  fixed_bytes=fixed, repeats=repeats)
             for g, p in zip(new, plans):
-                self._graphs[g.runner] = _GraphState(p, emit_regions(g.gm, p))
+                self._graphs[g.runner] = self._state(g.gm, p)
             baseline = fixed + sum(p.baseline_bytes * r for p, r in zip(plans, repeats))
             budget_bytes = self.compile_config.budget.resolve(baseline)
             plan = ModelPlan(budget_bytes, tuple(Section(g.name, self._graphs[g.runner].plan) for g in graphs))
@@ -202,6 +202,9 @@ class ActCompiledModule(nn.Module):
         self._ready.add(key)
         self.__dict__["_last"] = key
         return plan
+
+    def _state(self, gm, plan: Plan) -> _GraphState:
+        return _GraphState(plan, emit_regions(gm, plan, self.compile_config.compile_codecs))
 
     def use_plan(self, plan: ModelPlan, example_inputs) -> None:
         """Run with ``plan`` (from another process, a file, rank 0) for ``example_inputs``' signature.
@@ -231,7 +234,7 @@ class ActCompiledModule(nn.Module):
             if any(a.node not in names for a in section.plan.assignments):
                 return False
         for section, g in zip(known.sections, graphs):
-            self._graphs[g.runner] = _GraphState(section.plan, emit_regions(g.gm, section.plan))
+            self._graphs[g.runner] = self._state(g.gm, section.plan)
         return True
 
     def _plan_late(self, runner: GraphRunner, flat_inputs: list) -> _GraphState:
@@ -242,7 +245,7 @@ class ActCompiledModule(nn.Module):
         config = dataclasses.replace(self.compile_config, budget=Budget(fraction=max(ratio, 1e-9)))
         profile, calibration = _calibrated(graph, config)
         (plan,) = choose_plans([profile], config, [calibration])
-        state = _GraphState(plan, emit_regions(runner.gm, plan))
+        state = self._state(runner.gm, plan)
         self._graphs[runner] = state
         return state
 
@@ -256,13 +259,14 @@ class ActCompiledModule(nn.Module):
         _add_stats(self._stats, state.compiled.last_stats)
         return out
 
+    @torch._dynamo.disable
     def forward(self, *args, **kwargs):
+        # Never traced by an outer torch.compile (it would see our hooks, not the model): under
+        # torch.compile(actcompile(model)) this runs as the eager back end. For Inductor, compile
+        # the plain model with torch.compile(model, backend="actcompile").
         if not (self.training and torch.is_grad_enabled()) or inside_checkpoint():
             # Nothing to keep (eval, no_grad), or an outer checkpoint that keeps nothing inside.
             return self._original(*args, **kwargs)
-        if torch.compiler.is_compiling():
-            raise ActCompileError("an actcompile'd module cannot run inside torch.compile: compile the plain "
-                                  "model with torch.compile(model, backend='actcompile') instead")
         key = _signature(args, kwargs, self._original)
         if key not in self._ready:
             self._plan_forward(key, args, kwargs)

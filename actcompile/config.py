@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 
 _UNITS = {
@@ -99,6 +100,12 @@ def default_codecs(everything: bool = False) -> tuple:
     return tuple(c for c in codecs if everything or getattr(c, "default_enabled", False))
 
 
+def _compile_codecs_default() -> bool:
+    """Codec kernels are compiled unless ``ACTCOMPILE_COMPILE_CODECS=0`` (the test suite sets it:
+    Inductor takes seconds per new kernel, and the kernels have tests of their own)."""
+    return os.environ.get("ACTCOMPILE_COMPILE_CODECS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 @dataclasses.dataclass(frozen=True)
 class CompileConfig:
     """Everything :func:`actcompile.passes.policy.choose_plan` needs besides the profile.
@@ -108,7 +115,9 @@ class CompileConfig:
     the saving); what the heap holds beyond the saved storages is kept free under the budget,
     so that *measured* bytes stay under it: ``reserve_bytes_per_node`` per autograd node
     (measured 500-900 B on torch 2.14, CPU, over 10 models) and ``reserve_bytes_per_packed`` per
-    tensor the plan may pack (the packed value's tensor objects).
+    tensor the plan may pack (the packed value's tensor objects). ``compile_codecs`` runs codec
+    pack/unpack as Inductor kernels compiled per shape (:mod:`actcompile.codecs.kernels`; the
+    first step with a new shape compiles them), else as eager torch ops.
     """
 
     budget: Budget
@@ -119,6 +128,7 @@ class CompileConfig:
     reserve_bytes_per_packed: int = 256
     error_weighting: str = "tensor"
     recompute: bool = True
+    compile_codecs: bool = dataclasses.field(default_factory=_compile_codecs_default)
 
     def __post_init__(self):
         if not isinstance(self.budget, Budget):

@@ -155,6 +155,7 @@ REGISTRY = {
     # benchmark shapes (benchmarks/memory.py)
     "resnet18_b32": _torchvision("resnet18", 32, 64, num_classes=10),
     "mobilenet_v2_b16": _torchvision("mobilenet_v2", 16, 96, num_classes=10),
+    "convnext_tiny_b16": _torchvision("convnext_tiny", 16, 64, num_classes=10),
     "vit_small": _vit_small,
 }
 TRACE_SUITE = ("resnet18", "resnet50", "mobilenet_v2", "vit_b_16", "unet", "gpt2", "bert", "lstm",

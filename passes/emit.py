@@ -33,6 +33,7 @@ import torch.fx
 
 from actcompile import runtime
 from actcompile.codecs import get_codec
+from actcompile.codecs.kernels import CompiledCodec
 from actcompile.plan import RECOMPUTE, Plan
 
 
@@ -53,13 +54,16 @@ class CompressedGraphModule(torch.fx.GraphModule):
         return out
 
 
-def compression_table(plan: Plan) -> dict:
-    """``{(node, ordinal): runtime.Planned}`` for every codec assignment of ``plan``."""
+def compression_table(plan: Plan, compile_codecs: bool = False) -> dict:
+    """``{(node, ordinal): runtime.Planned}`` for every codec assignment of ``plan``; with
+    ``compile_codecs`` each codec runs as compiled kernels (:class:`CompiledCodec`)."""
     table = {}
     for a in plan.assignments:
         if a.codec == RECOMPUTE:
             continue
         codec = get_codec(a.codec, **dict(a.options), **({"epsilon": a.epsilon} if a.epsilon is not None else {}))
+        if compile_codecs:
+            codec = CompiledCodec(codec)
         table[(a.node, a.ordinal)] = runtime.Planned(codec, tuple(a.shape), getattr(torch, a.dtype))
     return table
 
@@ -76,8 +80,10 @@ def _wrap_in_recompute(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
     graph.erase_node(node)
 
 
-def emit_regions(gm: torch.fx.GraphModule, plan: Plan) -> CompressedGraphModule:
-    """A new module running ``gm``'s graph with ``plan``'s compression; ``gm`` is not modified."""
+def emit_regions(gm: torch.fx.GraphModule, plan: Plan, compile_codecs: bool = False) -> CompressedGraphModule:
+    """A new module running ``gm``'s graph with ``plan``'s compression; ``gm`` is not modified.
+
+    ``compile_codecs``: run the codecs as compiled kernels (see :func:`compression_table`)."""
     graph = torch.fx.Graph()
     graph._codegen = gm.graph._codegen
     output = graph.graph_copy(gm.graph, {})
@@ -95,4 +101,4 @@ def emit_regions(gm: torch.fx.GraphModule, plan: Plan) -> CompressedGraphModule:
         with graph.inserting_after(node):
             graph.call_function(runtime.end_node, ())
     graph.lint()
-    return CompressedGraphModule(gm, graph, compression_table(plan), class_name=type(gm).__name__)
+    return CompressedGraphModule(gm, graph, compression_table(plan, compile_codecs), class_name=type(gm).__name__)

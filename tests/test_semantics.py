@@ -2,7 +2,8 @@
 
 Each construct a plain tracer loses, on a small MLP big enough to compress: the forward must be
 bit-identical to the plain model's, the gradients equal at ``budget=1.0`` (nothing compressed)
-and close at ``budget=0.25``, with the model's real loss (cross-entropy against labels).
+and close at ``budget=0.25``, with the model's real loss (cross-entropy against labels). Codec
+kernels are compiled, as by default.
 """
 
 import copy
@@ -16,6 +17,12 @@ from torch import nn
 from actcompile import actcompile
 
 WIDTH, BATCH = 256, 64
+
+
+@pytest.fixture(autouse=True)
+def compiled_codecs(monkeypatch):
+    """The default back end, compiled codec kernels included (one shape: a handful of kernels)."""
+    monkeypatch.setenv("ACTCOMPILE_COMPILE_CODECS", "1")
 
 
 class GradReverse(torch.autograd.Function):

@@ -25,7 +25,7 @@ import torch
 
 from actcompile.codecs import register_codec
 from actcompile.codecs.base import TensorSpec, is_float
-from actcompile.codecs.bits import pack_bits, unpack_bits
+from actcompile.codecs.bits import byte_bits, pack_bits
 from actcompile.errors import CodecError
 
 
@@ -115,6 +115,7 @@ class MaskCodec:
 
     def unpack(self, packed: tuple) -> torch.Tensor:
         bits, value, shape, dtype = packed
-        inside = unpack_bits(bits, 1, math.prod(shape)).bool()
         outside = torch.full((), self.lo, dtype=torch.float32, device=bits.device)
-        return torch.where(inside, value, outside).to(dtype).reshape(shape)
+        # what each byte unpacks to, as a table: one gather per byte (see codecs.bits)
+        table = torch.where(byte_bits(bits.device), value, outside).to(dtype)
+        return table[bits.long()].reshape(-1)[:math.prod(shape)].reshape(shape)

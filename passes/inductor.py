@@ -1,0 +1,270 @@
+"""Compress what Inductor saves for backward: pack in the forward's epilogue, unpack at first use.
+
+Under ``torch.compile`` the saved-for-backward values are explicit: AOTAutograd's partitioner
+splits the joint graph into a forward whose outputs are the user's outputs, then the saved
+tensors, then saved symints, and a backward whose placeholders are those saved values (same
+names) and then the tangents. :class:`SavedValuePartitioner` runs Inductor's own min-cut
+partitioner first (so its recompute choices stand), then, for every saved value the plan
+packs, traces the codec's ``pack`` into the forward right after the value is made and its
+``unpack`` into the backward right before the value's first use. Only the packed payload
+crosses from forward to backward; Inductor fuses the quantizer into the kernel producing the
+value and the dequantizer into the one consuming it, and frees each decoded value after its
+last use, so decompression is spread over backward instead of happening all at its start
+(the saved-tensor-hook route under ``compile`` unpacks everything at once, pytorch#148222).
+
+Before/after, a saved ``relu`` packed by ``mask``::
+
+    forward:  relu = relu(...)            relu = relu(...)
+              return (out, relu)          ... pack ops ...; return (out, bits, value)
+    backward: (relu, tangent)             (bits, value, tangent)
+              threshold_backward(t, relu) ... unpack ops → relu_1; threshold_backward(t, relu_1)
+
+The plan is made here, from the saved values: a :class:`~actcompile.plan.MemoryProfile` of
+them (the backward ops that read each become its uses; ``threshold_backward`` is ReLU's),
+codec errors measured by running the forward graph on the real example inputs (when the
+backend has them), and the same knapsack as the eager back end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from actcompile.codecs import get_codec
+from actcompile.codecs.base import packed_bytes, relative_error
+from actcompile.config import CompileConfig
+from actcompile.plan import RECOMPUTE, MemoryProfile, Plan, SavedTensor, TensorKind, Use
+from actcompile.passes.policy import choose_plans
+from actcompile.passes.rules import codec_choices, split_candidates
+
+aten = torch.ops.aten
+UNPACK_OF = "actcompile_unpack_of"   # node.meta key on every node an unpack inserted: the saved value's name
+
+
+# -- what is saved ---------------------------------------------------------------------------
+def saved_values(fwd: torch.fx.GraphModule, num_fwd_outputs: int) -> list[torch.fx.Node]:
+    """The forward's saved tensors (outputs after the user's, symints excluded), in order."""
+    outputs = fwd.graph.output_node().args[0]
+    return [n for n in outputs[num_fwd_outputs:]
+            if isinstance(n, torch.fx.Node) and isinstance(n.meta.get("val"), torch.Tensor)]
+
+
+def _use(user: torch.fx.Node, placeholder: torch.fx.Node) -> Use:
+    """What one backward op reads of a saved value, in the eager profile's terms where they match."""
+    if user.target is aten.threshold_backward.default and user.args[1] is placeholder:
+        return Use("ThresholdBackward0", (("threshold", float(user.args[2])),))
+    return Use(str(user.target), ())
+
+
+def profile_saved(fwd: torch.fx.GraphModule, bwd: torch.fx.GraphModule, num_fwd_outputs: int) -> MemoryProfile:
+    """A :class:`MemoryProfile` of the values the forward saves: one tensor each, read by its backward users.
+
+    A saved value that is a forward input (a parameter, a buffer, the caller's input) is kept:
+    it is held anyway. Views of one storage cannot be told apart here; each counts whole.
+    """
+    placeholders = {n.name: n for n in bwd.graph.find_nodes(op="placeholder")}
+    tensors = []
+    for index, node in enumerate(saved_values(fwd, num_fwd_outputs)):
+        val = node.meta["val"]
+        in_backward = placeholders.get(node.name)
+        uses = tuple(_use(u, in_backward) for u in in_backward.users) if in_backward is not None else ()
+        kind = TensorKind.INPUT if node.op == "placeholder" else TensorKind.ACTIVATION
+        tensors.append(SavedTensor(index=index, node=node.name, ordinal=0, shape=tuple(val.shape),
+                                   dtype=str(val.dtype).removeprefix("torch."), nbytes=val.numel() * val.element_size(),
+                                   kind=kind, uses=uses or (Use("?", ()),), packed_shape=tuple(val.shape)))
+    order = tuple(n.name for n in fwd.graph.nodes)
+    return MemoryProfile(tensors=tuple(tensors), events=(), node_order=order, mode="fake")
+
+
+def calibrate_saved(fwd: torch.fx.GraphModule, num_fwd_outputs: int, real_inputs: Sequence | None,
+                    choices: dict) -> dict:
+    """Each candidate codec's measured error on the real saved values (forward run on ``real_inputs``).
+
+    Without real inputs (or if the forward cannot run on them), a codec's error is taken as its
+    documented bound; the plan then says so through its errors.
+    """
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    values = {}
+    results = {}
+    with unset_fake_temporarily(), torch.no_grad(), torch.random.fork_rng():   # partitioning runs under fake mode
+        if real_inputs is not None:
+            try:
+                outputs = fwd(*real_inputs)
+                names = [n.name if isinstance(n, torch.fx.Node) else None for n in fwd.graph.output_node().args[0]]
+                values = {name: v for name, v in zip(names, outputs) if name is not None}
+            except Exception:   # e.g. inputs Dynamo passes differently: fall back to documented errors
+                values = {}
+        for key, codecs in choices.items():
+            x = values.get(key[0])
+            measured = []
+            for codec in codecs:
+                if isinstance(x, torch.Tensor):
+                    packed = codec.pack(x)
+                    measured.append((codec, relative_error(x, codec.unpack(packed)), packed_bytes(packed)))
+                else:
+                    measured.append((codec, _nominal_error(codec), codec.packed_nbytes(_spec(key, fwd))))
+            results[key] = measured
+    return results
+
+
+def _spec(key, fwd):
+    from actcompile.codecs.base import TensorSpec
+
+    node = next(n for n in fwd.graph.nodes if n.name == key[0])
+    return TensorSpec(tuple(node.meta["val"].shape), node.meta["val"].dtype)
+
+
+_NOMINAL = {"int8": 0.01, "int4": 0.15, "int2": 0.6, "fp8": 0.05}
+
+
+def _nominal_error(codec) -> float:
+    if codec.epsilon is not None:
+        return codec.epsilon
+    return _NOMINAL.get(codec.name, 0.0 if codec.name == "mask" else 1.0)
+
+
+def plan_saved(fwd, bwd, num_fwd_outputs: int, config: CompileConfig, real_inputs=None) -> Plan:
+    """The plan for one compiled graph's saved values under ``config``'s budget."""
+    profile = profile_saved(fwd, bwd, num_fwd_outputs)
+    candidates, _ = split_candidates(profile, config)
+    choices = {(t.node, 0): codec_choices(t, config) for t in candidates}
+    choices = {k: v for k, v in choices.items() if v}
+    calibration = calibrate_saved(fwd, num_fwd_outputs, real_inputs, choices)
+    config = _no_recompute(config)
+    return choose_plans([profile], config, [calibration])[0]
+
+
+def _no_recompute(config: CompileConfig) -> CompileConfig:
+    # Inductor's partitioner already made the recompute choices; ours has no node to re-run here,
+    # and there is no autograd graph to reserve heap for.
+    return dataclasses.replace(config, recompute=False, reserve_bytes_per_node=0)
+
+
+# -- the rewrite -----------------------------------------------------------------------------
+def _trace(fn: Callable, args: tuple, fake_mode) -> torch.fx.GraphModule:
+    """``fn`` as an ATen graph of ops Inductor lowers (its decompositions), on fake ``args``."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with fake_mode:
+        return make_fx(fn, decomposition_table=select_decomp_table(), tracing_mode="real")(*args)
+
+
+def _inline(graph: torch.fx.Graph, sub: torch.fx.GraphModule, inputs: list) -> Any:
+    """Copy ``sub``'s nodes into ``graph`` at the insertion point; ``sub``'s placeholders take
+    ``inputs`` (flattened in order). Returns ``sub``'s output structure with ``graph``'s nodes."""
+    env = {}
+    placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(inputs):
+        raise ValueError(f"traced codec takes {len(placeholders)} inputs, given {len(inputs)}")
+    for ph, value in zip(placeholders, inputs):
+        env[ph] = value
+    for node in sub.graph.nodes:
+        if node.op == "placeholder":
+            continue
+        if node.op == "output":
+            return torch.fx.map_arg(node.args[0], lambda n: env[n])
+        if node.op == "get_attr":
+            value = getattr(sub, node.target)
+            owner = graph.owning_module
+            name = f"_actcompile_const_{len([k for k in owner._buffers if k.startswith('_actcompile_const_')])}"
+            owner.register_buffer(name, value)
+            new = graph.get_attr(name)
+        else:
+            new = graph.node_copy(node, lambda n: env[n])
+        new.meta = dict(node.meta)
+        env[node] = new
+    raise AssertionError("traced graph has no output")
+
+
+def _first_use(node: torch.fx.Node) -> torch.fx.Node:
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return min(node.users, key=order.__getitem__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedValue:
+    """Where one saved value's packing landed: its payload outputs, and in the backward (node
+    positions) where its unpack starts and where the value is first used."""
+
+    name: str
+    codec: str
+    payload: tuple[str, ...]
+    unpack_at: int
+    first_use_at: int
+
+
+def compress_saved_(fwd: torch.fx.GraphModule, bwd: torch.fx.GraphModule, num_fwd_outputs: int, plan: Plan,
+                    fake_mode) -> list[PackedValue]:
+    """Rewrite ``fwd``/``bwd`` in place so each saved value ``plan`` packs crosses as its payload."""
+    chosen = {a.node: a for a in plan.assignments if a.codec != RECOMPUTE}
+    if not chosen:
+        return []
+    output = fwd.graph.output_node()
+    outputs = list(output.args[0])
+    placeholders = {n.name: n for n in bwd.graph.find_nodes(op="placeholder")}
+    new_outputs = list(outputs[:num_fwd_outputs])
+    report = []
+    for node in outputs[num_fwd_outputs:]:
+        a = chosen.get(getattr(node, "name", None))
+        in_backward = placeholders.get(getattr(node, "name", None))
+        if a is None or in_backward is None or not in_backward.users:
+            new_outputs.append(node)
+            continue
+        codec = get_codec(a.codec, **dict(a.options), **({"epsilon": a.epsilon} if a.epsilon is not None else {}))
+        val = node.meta["val"]
+        pack_gm = _trace(lambda x: codec.pack(x), (val,), fake_mode)
+        with fwd.graph.inserting_before(node.next):   # (inserting_after would reverse the copied nodes)
+            payload = _inline(fwd.graph, pack_gm, [node])
+        leaves, spec = tree_flatten(payload)
+        tensors = [leaf for leaf in leaves if isinstance(leaf, torch.fx.Node)]
+        new_outputs.extend(tensors)
+        # the backward: a placeholder per payload tensor, then the unpack before the first use
+        with bwd.graph.inserting_before(in_backward):
+            inputs = []
+            for t in tensors:
+                ph = bwd.graph.placeholder(t.name)
+                ph.meta = dict(t.meta)
+                inputs.append(ph)
+        unpack_gm = _trace(lambda *tensor_args: codec.unpack(_refill(spec, leaves, tensor_args)),
+                           tuple(t.meta["val"] for t in tensors), fake_mode)
+        first_use = _first_use(in_backward)
+        before = set(bwd.graph.nodes)
+        with bwd.graph.inserting_before(first_use):
+            decoded = _inline(bwd.graph, unpack_gm, inputs)
+        for n in set(bwd.graph.nodes) - before:
+            n.meta[UNPACK_OF] = node.name
+        in_backward.replace_all_uses_with(decoded)
+        bwd.graph.erase_node(in_backward)
+        report.append((node.name, a.codec, tuple(t.name for t in tensors), decoded))
+    output.args = (tuple(new_outputs),)
+    for gm in (fwd, bwd):
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    position = {n: i for i, n in enumerate(bwd.graph.nodes)}
+    return [PackedValue(name, codec, payload,
+                        min(position[n] for n in bwd.graph.nodes if n.meta.get(UNPACK_OF) == name),
+                        min(position[u] for u in decoded.users))
+            for name, codec, payload, decoded in report]
+
+
+def _refill(spec, leaves, tensors):
+    """The payload structure with its tensor leaves replaced, in order, by ``tensors``."""
+    it = iter(tensors)
+    return tree_unflatten([next(it) if isinstance(leaf, torch.fx.Node) else leaf for leaf in leaves], spec)
+
+
+def _fake_mode_of(fwd: torch.fx.GraphModule):
+    for node in fwd.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch._subclasses.fake_tensor.FakeTensor):
+            return val.fake_mode
+    raise RuntimeError("the forward graph carries no FakeTensor values")
+

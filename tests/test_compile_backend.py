@@ -1,0 +1,114 @@
+"""The Inductor back end: torch.compile(model, backend="actcompile"), planned over what Inductor saves."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import actcompile
+from actcompile import actcompile as wrap
+
+WIDTH, BATCH = 256, 64
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.Tanh(),
+                         nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, 10))
+
+
+def grads_of(model, x, labels):
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    F.cross_entropy(out, labels).backward()
+    return out.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Every test compiles with a backend of its own; Dynamo keeps 8 entries per code object."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(BATCH, WIDTH, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
+
+
+def test_quarter_budget_packs_inductors_saved_values(batch):
+    x, labels = batch
+    model = mlp()
+    ref_out, ref = grads_of(model, x, labels)
+    be = actcompile.backend(budget=0.25)
+    out, got = grads_of(torch.compile(model, backend=be), x, labels)
+    assert torch.allclose(out, ref_out, rtol=1e-4, atol=1e-5), "forward must be within Inductor's tolerance"
+    (plan,) = be.plans
+    assert plan.assignments, "nothing was packed at 1/4"
+    assert plan.planned_bytes <= plan.budget_bytes
+    cosine = F.cosine_similarity(got.double(), ref.double(), dim=0).item()
+    assert cosine > 0.99, f"gradient cosine {cosine:.5f} at 1/4"
+    assert {p.name for p in be.packed[0]} == {a.node for a in plan.assignments}, "a planned value crossed uncompressed"
+
+
+def test_budget_one_changes_nothing(batch):
+    x, labels = batch
+    model = mlp()
+    _, plain = grads_of(torch.compile(model), x, labels)
+    be = actcompile.backend(budget=1.0)
+    _, got = grads_of(torch.compile(model, backend=be), x, labels)
+    assert be.plans[0].assignments == ()
+    assert torch.allclose(got, plain, rtol=1e-4, atol=1e-6)
+
+
+def test_unpacks_are_spread_over_backward_at_first_use(batch):
+    """Each value is decoded right before the op that first reads it, not all at backward's start."""
+    x, labels = batch
+    be = actcompile.backend(budget=0.3, codecs=["int8"])
+    grads_of(torch.compile(mlp(), backend=be), x, labels)
+    packed = be.packed[0]
+    assert len(packed) >= 2
+    for p in packed:
+        assert p.unpack_at < p.first_use_at <= p.unpack_at + 40, p
+    starts = sorted(p.unpack_at for p in packed)
+    assert starts[-1] - starts[0] > 10, f"the unpacks are bunched at the start of backward: {starts}"
+
+
+def test_registered_by_name_with_options(batch):
+    x, labels = batch
+    model = mlp()
+    _, ref = grads_of(model, x, labels)
+    _, got = grads_of(torch.compile(model, backend="actcompile", options={"budget": 0.5}), x, labels)
+    assert F.cosine_similarity(got.double(), ref.double(), dim=0).item() > 0.999
+
+
+def test_bad_options_give_the_eager_apis_errors():
+    with pytest.raises(ValueError, match="accepted"):
+        actcompile.backend(budget="lots")
+    with pytest.raises(TypeError, match="unknown option"):
+        actcompile.backend(budget=0.5, speed="max")
+    with pytest.raises(TypeError, match="needs options"):
+        actcompile.compile_backend.registered_backend(None, [], options={})
+
+
+def test_recompiles_replan(batch):
+    x, labels = batch
+    be = actcompile.backend(budget=0.25)
+    compiled = torch.compile(mlp(), backend=be, dynamic=False)
+    grads_of(compiled, x, labels)
+    grads_of(compiled, x[:32], labels[:32])
+    assert len(be.plans) == 2
+    assert be.plans[0].baseline_bytes > be.plans[1].baseline_bytes
+
+
+def test_compiling_a_wrapped_module_runs_the_eager_back_end(batch):
+    """torch.compile(actcompile(model)) must not silently compress nothing."""
+    x, labels = batch
+    model = mlp()
+    wrapped = wrap(model, budget=0.25, example_inputs=x)
+    _, ref = grads_of(model, x, labels)
+    _, got = grads_of(torch.compile(wrapped, backend="eager"), x, labels)
+    assert wrapped.last_stats.packed_tensors > 0
+    assert F.cosine_similarity(got.double(), ref.double(), dim=0).item() > 0.99
