@@ -66,6 +66,11 @@ class SavedValuePartitioner(CustomPartitionerFn):
     def uuid(self):
         return None   # the plan depends on the real values: never reuse a cached artifact
 
+    def __deepcopy__(self, memo):
+        # Inductor deep-copies its config (which holds this object) for debug repro strings;
+        # the real inputs it keeps may be non-leaf tensors, which cannot be deep-copied.
+        return self
+
 
 class ActCompileBackend:
     """A ``torch.compile`` backend object; ``plans`` lists one :class:`Plan` per compiled graph,

@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import functools
 import threading
+import weakref
 
 import torch
 import torch.fx
@@ -67,19 +68,29 @@ class RuntimeStats:
 
 
 class _PackedStorage:
-    """One storage's packed form; every save of (a view of) it unpacks from here."""
+    """One storage's packed form; every save of (a view of) it unpacks from here.
 
-    __slots__ = ("codec", "payload", "size", "stride", "__weakref__")
+    While a decoded copy is alive (one backward op still holds it), later unpacks reuse it: a
+    storage several ops saved (a LayerNorm output read by q, k and v) is decoded once, not once
+    per op with the copies alive together.
+    """
+
+    __slots__ = ("codec", "payload", "size", "stride", "decoded", "__weakref__")
 
     def __init__(self, codec, payload, size, stride):
         self.codec, self.payload, self.size, self.stride = codec, payload, size, stride
+        self.decoded = None   # weak reference to the live decoded tensor, if any
 
     def base(self) -> torch.Tensor:
+        live = self.decoded() if self.decoded is not None else None
+        if live is not None:
+            return live
         decoded = self.codec.unpack(self.payload)
-        if decoded.stride() == self.stride:
-            return decoded
-        return torch.empty_strided(self.size, self.stride, dtype=decoded.dtype,
-                                   device=decoded.device).copy_(decoded)
+        if decoded.stride() != self.stride:
+            decoded = torch.empty_strided(self.size, self.stride, dtype=decoded.dtype,
+                                          device=decoded.device).copy_(decoded)
+        self.decoded = weakref.ref(decoded)
+        return decoded
 
 
 class _Outer:

@@ -20,10 +20,11 @@ over the model's block sequence, 2, 4 and 8 segments; HF's gradient checkpointin
 ``compile`` (``torch.compile``, Inductor); ``compile+amb`` (``torch._functorch.config.
 activation_memory_budget`` at 1/2, 1/4, 1/8); ``compile+fp8`` (Inductor's
 ``activation_quantization_aten_pass``: saved float32 values over 0.05 MB cast to e4m3 with a
-scale); ``compile+actcompile`` (``torch.compile(backend="actcompile")``, when it exists).
+scale); ``compile+actcompile`` (``torch.compile(backend="actcompile")``, the Inductor back end, at 1/2,
+1/4, 1/8 of the bytes Inductor saves).
 
     python benchmarks/speed.py > benchmarks/results/speed.md
-    python benchmarks/speed.py --models resnet18_b32 --ways eager actcompile   # a subset
+    python benchmarks/speed.py --models resnet18_b32 --ways eager actcompile --budgets 0.25   # a subset
 """
 
 from __future__ import annotations
@@ -77,8 +78,9 @@ def blocks(model) -> list[torch.nn.Module]:
     import torchvision
 
     if isinstance(model, torchvision.models.ResNet):
-        return [model.conv1, model.bn1, model.relu, model.maxpool,
-                *model.layer1, *model.layer2, *model.layer3, *model.layer4]
+        # the stem stays whole: its ReLU is in-place, so it cannot start a checkpointed segment
+        stem = torch.nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+        return [stem, *model.layer1, *model.layer2, *model.layer3, *model.layer4]
     if isinstance(model, torchvision.models.ConvNeXt):
         return [block for stage in model.features for block in (stage if isinstance(stage, torch.nn.Sequential) and
                                                                  len(stage) > 1 else [stage])]
@@ -132,9 +134,7 @@ def configure(way: str, setting, model, inputs):
         return torch.compile(model), torch._functorch.config.patch(activation_memory_budget=setting)
     if way == "compile+fp8":
         return torch.compile(model), torch._inductor.config.patch(post_grad_fusion_options=FP8_PASS)
-    if way == "compile+actcompile":
-        from actcompile.backend import backend   # noqa: F401  (the Inductor back end, when it exists)
-
+    if way == "compile+actcompile":   # registered through the torch_dynamo_backends entry point
         return torch.compile(model, backend="actcompile", options={"budget": setting}), context
     raise ValueError(f"unknown way {way!r}; ways: {WAYS}")
 
@@ -222,11 +222,11 @@ def run_child(name, way, setting, what) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def settings(way):
+def settings(way, ns):
     if way in ("actcompile", "compile+amb", "compile+actcompile"):
-        return BUDGETS
+        return ns.budgets
     if way == "checkpoint":
-        return SEGMENTS
+        return ns.segments
     return (None,)
 
 
@@ -243,6 +243,8 @@ def main(argv=None) -> None:
     parser.add_argument("--one", nargs=4, metavar=("MODEL", "WAY", "SETTING", "WHAT"), help=argparse.SUPPRESS)
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--ways", nargs="*", default=list(WAYS))
+    parser.add_argument("--budgets", nargs="*", type=float, default=list(BUDGETS))
+    parser.add_argument("--segments", nargs="*", type=int, default=list(SEGMENTS))
     ns = parser.parse_args(argv)
     if ns.one:
         name, way, setting, what = ns.one
@@ -256,7 +258,7 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|")
     for name in ns.models:
         for way in ns.ways:
-            for setting in settings(way):
+            for setting in settings(way, ns):
                 memory = run_child(name, way, setting, "memory")
                 if "error" in memory:
                     print(f"| {MODELS.get(name, name)} | {label(way, setting)} | {memory['error']} | | | | |", flush=True)

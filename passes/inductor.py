@@ -61,11 +61,20 @@ def _use(user: torch.fx.Node, placeholder: torch.fx.Node) -> Use:
     return Use(str(user.target), ())
 
 
+def _views_an_input(node: torch.fx.Node) -> bool:
+    """Is ``node`` a forward input, or a view of one (``permute(weight)``, which ``mm``'s backward
+    saves)? Such a value is a parameter, a buffer or the caller's tensor: held anyway, never lossy."""
+    while node.op == "call_function" and getattr(node.target, "is_view", False):
+        node = node.args[0]
+    return node.op == "placeholder"
+
+
 def profile_saved(fwd: torch.fx.GraphModule, bwd: torch.fx.GraphModule, num_fwd_outputs: int) -> MemoryProfile:
     """A :class:`MemoryProfile` of the values the forward saves: one tensor each, read by its backward users.
 
-    A saved value that is a forward input (a parameter, a buffer, the caller's input) is kept:
-    it is held anyway. Views of one storage cannot be told apart here; each counts whole.
+    A saved value that is (a view of) a forward input (a parameter, a buffer, the caller's input)
+    is kept: it is held anyway. Two saved views of one activation count twice here (safe for
+    the budget, pessimistic for the plan).
     """
     placeholders = {n.name: n for n in bwd.graph.find_nodes(op="placeholder")}
     tensors = []
@@ -73,7 +82,7 @@ def profile_saved(fwd: torch.fx.GraphModule, bwd: torch.fx.GraphModule, num_fwd_
         val = node.meta["val"]
         in_backward = placeholders.get(node.name)
         uses = tuple(_use(u, in_backward) for u in in_backward.users) if in_backward is not None else ()
-        kind = TensorKind.INPUT if node.op == "placeholder" else TensorKind.ACTIVATION
+        kind = TensorKind.INPUT if _views_an_input(node) else TensorKind.ACTIVATION
         tensors.append(SavedTensor(index=index, node=node.name, ordinal=0, shape=tuple(val.shape),
                                    dtype=str(val.dtype).removeprefix("torch."), nbytes=val.numel() * val.element_size(),
                                    kind=kind, uses=uses or (Use("?", ()),), packed_shape=tuple(val.shape)))

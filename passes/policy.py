@@ -157,11 +157,11 @@ def choose_plans(profiles: list[MemoryProfile], config: CompileConfig, calibrati
     baselines = [p.baseline_bytes for p in profiles]
     baseline = sum(b * r for b, r in zip(baselines, repeats)) + fixed_bytes
     budget_bytes = config.budget.resolve(baseline)
-    if budget_bytes <= 0:
+    if budget_bytes <= 0 < baseline:
         raise BudgetError(f"budget {config.budget} resolves to {budget_bytes} bytes; it must be at least 1 byte",
                           smallest_bytes=None)
     problems = [_GraphProblem.build(p, config, c, r) for p, c, r in zip(profiles, calibrations, repeats)]
-    if baseline <= budget_bytes:   # already met: every item keeps its bytes
+    if baseline <= max(budget_bytes, 0):   # already met (or nothing saved): every item keeps its bytes
         decoded = [problem.decode([0] * len(problem.items)) for problem in problems]
     else:
         items = [item for problem in problems for item in problem.items]
