@@ -28,7 +28,6 @@ backend has them), and the same knapsack as the eager back end.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Sequence
 
 import torch
