@@ -52,7 +52,8 @@ def packable_view(t: torch.Tensor) -> torch.Tensor:
     else a flat view of the whole storage (every view saved of it is then cut back out)."""
     storage = t.untyped_storage()
     if (t.storage_offset() == 0 and t.numel() * t.element_size() == storage.nbytes()
-            and is_non_overlapping_and_dense(t)):
+            and (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+                 or is_non_overlapping_and_dense(t))):   # the C++ checks first: the Python one is slow
         return t
     return t.as_strided((storage.nbytes() // t.element_size(),), (1,), 0)
 
@@ -134,11 +135,14 @@ class _Session:
         if planned is None:
             return t if self.outer is None else _Outer(self.outer[0](t), self.outer[1])
         whole = packable_view(t.detach())
-        payload = planned.codec.pack(whole)
-        holder = _PackedStorage(planned.codec, payload, tuple(whole.shape), whole.stride())
+        codec = planned.codec
+        if hasattr(codec, "bind"):   # compiled kernels: the pair for this layout, found once
+            codec = codec.bind(whole)
+        payload = codec.pack(whole)
+        holder = _PackedStorage(codec, payload, tuple(whole.shape), whole.stride())
         self.packed[key.cdata] = (key, holder)
         self.stats.packed_tensors += 1
-        self.stats.packed_bytes += packed_bytes(payload)
+        self.stats.packed_bytes += getattr(codec, "payload_bytes", None) or packed_bytes(payload)
         self.stats.raw_bytes_replaced += storage.nbytes()
         return (holder, tuple(t.shape), t.stride(), t.storage_offset())
 

@@ -287,6 +287,8 @@ def test_bit_packing_roundtrip(bits):
     packed = pack_bits(values, bits)
     assert packed.numel() == math.ceil(1001 * bits / 8)
     assert torch.equal(unpack_bits(packed, bits, 1001), values)
+    blocked = pack_bits(values[:1000], bits, block=200) if bits < 8 else pack_bits(values[:1000], bits)
+    assert torch.equal(unpack_bits(blocked, bits, 1000, block=200 if bits < 8 else None), values[:1000])
 
 
 @settings(max_examples=60, deadline=None)

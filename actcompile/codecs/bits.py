@@ -16,49 +16,55 @@ import torch
 SUPPORTED_BITS = (1, 2, 4, 8)
 
 
-def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack a flat uint8 tensor of values < 2**bits into ``ceil(n·bits/8)`` fresh bytes.
+def pack_bits(values: torch.Tensor, bits: int, block: int | None = None) -> torch.Tensor:
+    """Pack a flat integer (or bool) tensor of values < 2**bits into ``ceil(n·bits/8)`` fresh bytes.
 
-    The layout is chosen for contiguous, vectorizable passes that Inductor fuses into the
-    codec around them (measured on CPU, 70 MB tensor, × a copy): 1 bit: interleaved, byte ``j``
-    holds elements ``8j … 8j+7`` (pack 0.7×, unpack through a 256-entry table 1.0×); 2 and 4
-    bits: planar, the values are cut into ``8 // bits`` equal planes and byte ``j`` holds element
-    ``j`` of every plane (pack 0.6×; interleaving them needs strided loads: 7×).
+    Planar layout, chosen for contiguous, vectorizable passes that Inductor fuses into the codec
+    around them: each ``block`` of values (default: all of them; a quantizer passes its group
+    size, which must then divide ``n`` and be a multiple of ``8 // bits``) is cut into
+    ``8 // bits`` equal planes, and byte ``j`` of the block holds element ``j`` of every plane.
+    Shifts run in int32: CPU vector units have no 8-bit shifts, so Inductor's uint8 shifts and
+    mask conversions become scalar loops (measured on CPU, 1-bit pack of a 14 MB tensor, × a
+    copy: uint8 13×, int32 0.65×; interleaving elements ``8j … 8j+7`` into byte ``j``: 2.4×).
     """
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits={bits}: supported widths are {SUPPORTED_BITS}")
     if bits == 8:
         return values.to(torch.uint8).clone()
     per_byte = 8 // bits
-    pad = (-values.numel()) % per_byte
-    if pad:
-        values = torch.cat([values, values.new_zeros(pad)])
-    values = values.to(torch.uint8)
-    lanes = values.reshape(-1, per_byte).t() if bits == 1 else values.reshape(per_byte, -1)
-    packed = lanes[0]
-    for lane in range(1, per_byte):
-        packed = packed | (lanes[lane] << (lane * bits))
-    return packed.contiguous()
+    values = values.reshape(-1)
+    if values.numel() == 0:
+        return torch.empty(0, dtype=torch.uint8, device=values.device)
+    if block is None:
+        pad = (-values.numel()) % per_byte
+        if pad:
+            values = torch.cat([values.to(torch.int32), values.new_zeros(pad, dtype=torch.int32)])
+        block = values.numel()
+    elif block % per_byte or values.numel() % block:
+        raise ValueError(f"block={block} must be a multiple of {per_byte} dividing {values.numel()} values")
+    planes = values.reshape(-1, per_byte, block // per_byte).to(torch.int32)
+    packed = planes[:, 0]
+    for plane in range(1, per_byte):
+        packed = packed | (planes[:, plane] << (plane * bits))
+    return packed.reshape(-1).to(torch.uint8)
 
 
-def byte_bits(device) -> torch.Tensor:
-    """``(256, 8)`` bool: the bits of every byte value, lowest first (the 1-bit unpack table).
+def unpack_bits(packed: torch.Tensor, bits: int, numel: int, dtype: torch.dtype = torch.uint8,
+                block: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack_bits` (same ``block``): the first ``numel`` values, as ``dtype``.
 
-    Computed in int32: Inductor then makes it a small buffer that the unpack gathers rows from
-    (1.1× a copy); in uint8 it recomputes the shifts per element (2.9×).
+    One fused pass. Callers that go on computing ask for the dtype they compute in (int32 to
+    compare, float32 to scale): a uint8 intermediate makes Inductor convert vector masks
+    through 8-bit lanes, a scalar loop on CPU (measured: mask unpack 25× a copy, 0.9× from int32).
     """
-    codes = torch.arange(256, dtype=torch.int32, device=device).unsqueeze(1)
-    return ((codes >> torch.arange(8, dtype=torch.int32, device=device)) & 1).bool()
-
-
-def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: the first ``numel`` values, as uint8."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits={bits}: supported widths are {SUPPORTED_BITS}")
     if bits == 8:
-        return packed[:numel]
-    if bits == 1:   # one gather of 8 neighbours per byte
-        return byte_bits(packed.device)[packed.long()].reshape(-1)[:numel].to(torch.uint8)
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device).unsqueeze(1)
-    planes = (packed.unsqueeze(0) >> shifts) & ((1 << bits) - 1)   # (planes, bytes): one fused pass
-    return planes.reshape(-1)[:numel]
+        return packed[:numel].to(dtype)
+    per_byte = 8 // bits
+    if packed.numel() == 0:
+        return torch.empty(0, dtype=dtype, device=packed.device)
+    width = packed.numel() if block is None else block // per_byte
+    shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=packed.device).reshape(1, per_byte, 1)
+    planes = (packed.reshape(-1, 1, width).to(torch.int32) >> shifts) & ((1 << bits) - 1)
+    return planes.reshape(-1)[:numel].to(dtype)

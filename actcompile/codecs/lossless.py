@@ -25,7 +25,7 @@ import torch
 
 from actcompile.codecs import register_codec
 from actcompile.codecs.base import TensorSpec, is_float
-from actcompile.codecs.bits import byte_bits, pack_bits
+from actcompile.codecs.bits import pack_bits, unpack_bits
 from actcompile.errors import CodecError
 
 
@@ -71,6 +71,8 @@ class MaskCodec:
     Unpacks to ``c`` inside (the largest value if ``hi`` is infinite, else the midpoint) and ``lo``
     outside. Exact for backward formulas that read only that predicate (see :meth:`exact_for`),
     and for tensors whose values are only ``lo`` and one other (CPU dropout's noise).
+    ``predicate_only`` (what :meth:`exact_for` sets) skips finding the largest value: any ``c``
+    inside serves such a backward, and the pack is then one pass over ``x``, not two.
     """
 
     name: ClassVar[str] = "mask"
@@ -79,6 +81,7 @@ class MaskCodec:
     epsilon: float | None = None
     lo: float = 0.0
     hi: float = math.inf
+    predicate_only: bool = False
 
     def __post_init__(self):
         if not self.lo < self.hi:
@@ -98,7 +101,7 @@ class MaskCodec:
         if len(intervals) != 1:
             return None
         lo, hi = intervals.pop()
-        return dataclasses.replace(self, lo=lo, hi=hi)
+        return dataclasses.replace(self, lo=lo, hi=hi, predicate_only=True)
 
     def packed_nbytes(self, spec: TensorSpec) -> int:
         return (spec.numel + 7) // 8 + 4   # bits + one float32 scalar
@@ -106,16 +109,18 @@ class MaskCodec:
     def pack(self, x: torch.Tensor) -> tuple:
         x = x.detach()
         inside = (x > self.lo) & (x < self.hi)
-        if math.isinf(self.hi):
+        if self.predicate_only:
+            inner = self.lo + 1 if math.isinf(self.hi) else (self.lo + self.hi) / 2
+            value = torch.full((), inner, dtype=torch.float32, device=x.device)
+        elif math.isinf(self.hi):
             top = x.reshape(-1).amax().float() if x.numel() else x.new_full((), self.lo + 1, dtype=torch.float32)
             value = torch.where(top > self.lo, top, torch.full_like(top, self.lo + 1))
         else:
             value = torch.full((), (self.lo + self.hi) / 2, dtype=torch.float32, device=x.device)
-        return (pack_bits(inside.reshape(-1).to(torch.uint8), 1), value.reshape(1), tuple(x.shape), x.dtype)
+        return (pack_bits(inside, 1), value.reshape(1), tuple(x.shape), x.dtype)
 
     def unpack(self, packed: tuple) -> torch.Tensor:
         bits, value, shape, dtype = packed
+        inside = unpack_bits(bits, 1, math.prod(shape), torch.int32) != 0
         outside = torch.full((), self.lo, dtype=torch.float32, device=bits.device)
-        # what each byte unpacks to, as a table: one gather per byte (see codecs.bits)
-        table = torch.where(byte_bits(bits.device), value, outside).to(dtype)
-        return table[bits.long()].reshape(-1)[:math.prod(shape)].reshape(shape)
+        return torch.where(inside, value, outside).to(dtype).reshape(shape)

@@ -80,25 +80,26 @@ class _GroupQuantCodec:
         high = groups.amax(dim=1, keepdim=True).clamp(min=0)
         span = high - low
         step = torch.where(span > 0, span / levels, torch.ones_like(span))
+        inverse = 1.0 / step   # one multiply per element instead of a divide (Inductor keeps it per group)
         # Put 0 exactly on a level (the zero point), with room for a level on each side that has values.
-        zero = torch.round(-low / step).clamp(min=(low < 0).float(), max=levels - (high > 0).float())
+        zero = torch.round(-low * inverse).clamp(min=(low < 0).float(), max=levels - (high > 0).float())
         low = -zero * step
-        scaled = (groups - low) / step
+        scaled = groups * inverse   # (x - low) / step, less the zero point: 0 stays exactly on it
         if self.stochastic:
             generator = torch.Generator(device=x.device).manual_seed(self.seed)
             noise = torch.rand(scaled.shape, generator=generator, device=x.device)
-            q = torch.floor(scaled + noise)
+            q = torch.floor(scaled + noise) + zero
         else:
-            q = torch.round(scaled)
-        # 0 stays on the zero point; in groups without negatives (post-ReLU) no positive value
-        # rounds onto it; with sign_exact, in no group does any non-zero value round onto or across it
-        q = torch.where(groups == 0, zero, q)
-        lift = (groups > 0) & ((zero == 0) | self.sign_exact)
-        q = torch.where(lift, torch.maximum(q, zero + 1), q)
+            q = torch.round(scaled) + zero
+        # in groups without negatives (post-ReLU) no positive value rounds onto the zero point;
+        # with sign_exact, in no group does any non-zero value round onto or across it
         if self.sign_exact:
+            q = torch.where(groups > 0, torch.maximum(q, zero + 1), q)
             q = torch.where(groups < 0, torch.minimum(q, zero - 1), q)
-        q = q.clamp(0, levels).to(torch.uint8).reshape(-1)
-        return (pack_bits(q, self.bits), low.reshape(-1).clone(), step.reshape(-1).clone(),
+        else:
+            q = torch.where((groups > 0) & (zero == 0), q.clamp_min(1.0), q)
+        q = q.clamp(0, levels).to(torch.int32 if self.bits < 8 else torch.uint8)
+        return (pack_bits(q, self.bits, block=self.group_size), low.reshape(-1).clone(), step.reshape(-1).clone(),
                 tuple(x.shape), x.dtype)
 
     def unpack(self, packed: tuple) -> torch.Tensor:
@@ -107,8 +108,8 @@ class _GroupQuantCodec:
         for s in shape:
             numel *= s
         groups = low.numel()
-        q = unpack_bits(payload, self.bits, groups * self.group_size)
-        values = q.to(torch.float32).reshape(groups, self.group_size) * step.unsqueeze(1) + low.unsqueeze(1)
+        q = unpack_bits(payload, self.bits, groups * self.group_size, torch.float32, block=self.group_size)
+        values = q.reshape(groups, self.group_size) * step.unsqueeze(1) + low.unsqueeze(1)
         return values.reshape(-1)[:numel].to(dtype).reshape(shape)
 
 

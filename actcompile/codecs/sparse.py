@@ -126,10 +126,10 @@ class ThresholdCodec(VariableRate):
             keep = torch.zeros(n, dtype=torch.bool, device=x.device)
             if limit:
                 keep[torch.topk(magnitude, limit, sorted=False).indices] = True
-        return (pack_bits(keep.to(torch.uint8), 1), flat[keep].clone(), tuple(x.shape))
+        return (pack_bits(keep, 1), flat[keep].clone(), tuple(x.shape))
 
     def unpack(self, packed: tuple) -> torch.Tensor:
         bits, values, shape = packed
-        keep = unpack_bits(bits, 1, math.prod(shape)).bool()
+        keep = unpack_bits(bits, 1, math.prod(shape), torch.int32) != 0
         out = torch.zeros(keep.numel(), dtype=values.dtype, device=values.device)
         return out.masked_scatter(keep, values).reshape(shape)
