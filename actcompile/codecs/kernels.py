@@ -14,6 +14,10 @@ the input's shape, strides, dtype and device — is decided once per planned ten
 calls :meth:`CompiledCodec.bind` with the first tensor it packs and keeps the returned
 ``(pack, unpack)`` pair, so a training step does one dictionary lookup per saved tensor.
 
+A codec may name Inductor options for its kernels (``inductor_options``, a class attribute):
+the quantizers ask Inductor to compute their per-group scale and zero point once rather than
+inside every loop that reads them.
+
 Kernels are cached per ``(codec, input layout)`` in one process-wide table (identical layers
 share them). Where compilation fails (no C++ compiler, an op Inductor cannot lower, a codec
 whose output sizes depend on the data) the codec's own eager function is used for that key,
@@ -119,8 +123,9 @@ def _compile(fn, args: tuple):
     fake_outs = [n.meta.get("val") for n in gm.graph.find_nodes(op="output")[0].args[0]]
     if any(not isinstance(s, int) for v in fake_outs if isinstance(v, torch.Tensor) for s in v.shape):
         raise _Unsupported("output sizes depend on the data")
+    options = dict(getattr(getattr(fn, "__self__", None), "inductor_options", {}))
     with torch.no_grad():
-        compiled = compile_fx(gm, example)
+        compiled = compile_fx(gm, example, config_patches=options)
 
     def run(*call_args):
         with torch.no_grad():

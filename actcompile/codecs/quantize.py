@@ -53,6 +53,11 @@ class _GroupQuantCodec:
     stochastic: bool = False
     sign_exact: bool = False   # also keep signs in mixed-sign groups (costs error at low bit widths)
     seed: int = 0
+    # Compiled kernels (codecs.kernels): by default Inductor recomputes the per-group scale and
+    # zero point (~20 scalar ops, a divide among them) for every vector of elements; realizing
+    # values of over 4 ops once makes the int8 pack of a 14 MB tensor 2.3 -> 1.35 ms (a copy:
+    # 0.75 ms), bit-identical.
+    inductor_options: ClassVar[dict] = {"realize_opcount_threshold": 4}
 
     def __post_init__(self):
         _check_fixed_rate(self, multiple_of=8)
