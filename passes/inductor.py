@@ -53,11 +53,45 @@ def saved_values(fwd: torch.fx.GraphModule, num_fwd_outputs: int) -> list[torch.
             if isinstance(n, torch.fx.Node) and isinstance(n.meta.get("val"), torch.Tensor)]
 
 
-def _use(user: torch.fx.Node, placeholder: torch.fx.Node) -> Use:
-    """What one backward op reads of a saved value, in the eager profile's terms where they match."""
-    if user.target is aten.threshold_backward.default and user.args[1] is placeholder:
-        return Use("ThresholdBackward0", (("threshold", float(user.args[2])),))
-    return Use(str(user.target), ())
+_COMPARISONS = {aten.le.Scalar: "le", aten.lt.Scalar: "lt", aten.ge.Scalar: "ge", aten.gt.Scalar: "gt"}
+_OR = {aten.bitwise_or.Tensor, aten.logical_or.default}
+COMPARED = "compared"   # a backward compares the value with a constant in a way no mask reproduces
+
+
+def _comparison(user: torch.fx.Node, placeholder: torch.fx.Node):
+    """``(op, constant)`` if ``user`` compares the saved value with a Python number, else ``None``."""
+    op = _COMPARISONS.get(user.target)
+    if op is None or user.args[0] is not placeholder or not isinstance(user.args[1], (int, float)):
+        return None
+    return op, float(user.args[1])
+
+
+def _uses(placeholder: torch.fx.Node) -> tuple[Use, ...]:
+    """What the backward ops read of a saved value, in the eager profile's terms where they match.
+
+    Inductor's decompositions turn ReLU-like backwards into comparisons: ``x > c`` or ``x <= c``
+    alone is a threshold at ``c`` (ReLU, leaky ReLU: the eager ``ThresholdBackward0``), and
+    ``(x <= a) | (x >= b)`` is hardtanh's ``(a, b)`` (ReLU6). A mask is exact for those; any other
+    comparison still branches on the value (sign-exact codecs only), but no mask reproduces it.
+    """
+    uses, compared = [], []
+    for user in placeholder.users:
+        if user.target is aten.threshold_backward.default and user.args[1] is placeholder:
+            uses.append(Use("ThresholdBackward0", (("threshold", float(user.args[2])),)))
+        elif (cmp := _comparison(user, placeholder)) is not None:
+            compared.append((user, cmp))
+        else:
+            uses.append(Use(str(user.target), ()))
+    ops = sorted(cmp for _, cmp in compared)
+    if len(compared) == 1 and ops[0][0] in ("le", "gt"):
+        uses.append(Use("ThresholdBackward0", (("threshold", ops[0][1]),)))
+    elif (len(compared) == 2 and [op for op, _ in ops] == ["ge", "le"] and ops[1][1] < ops[0][1]
+          and all(len(u.users) == 1 and next(iter(u.users)).target in _OR for u, _ in compared)
+          and len({next(iter(u.users)) for u, _ in compared}) == 1):   # both or-ed into one mask
+        uses.append(Use("HardtanhBackward0", (("min_val", ops[1][1]), ("max_val", ops[0][1]))))
+    elif compared:
+        uses.append(Use(COMPARED, ()))
+    return tuple(uses)
 
 
 def _views_an_input(node: torch.fx.Node) -> bool:
@@ -80,7 +114,7 @@ def profile_saved(fwd: torch.fx.GraphModule, bwd: torch.fx.GraphModule, num_fwd_
     for index, node in enumerate(saved_values(fwd, num_fwd_outputs)):
         val = node.meta["val"]
         in_backward = placeholders.get(node.name)
-        uses = tuple(_use(u, in_backward) for u in in_backward.users) if in_backward is not None else ()
+        uses = _uses(in_backward) if in_backward is not None else ()
         kind = TensorKind.INPUT if _views_an_input(node) else TensorKind.ACTIVATION
         tensors.append(SavedTensor(index=index, node=node.name, ordinal=0, shape=tuple(val.shape),
                                    dtype=str(val.dtype).removeprefix("torch."), nbytes=val.numel() * val.element_size(),

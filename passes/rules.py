@@ -133,7 +133,8 @@ def split_candidates(profile: MemoryProfile, config: CompileConfig) -> tuple[lis
 
 # Backward formulas that branch on the saved value (its sign, or an interval): a codec that
 # moves a value across the branch point changes the gradient's mask, not just its size.
-BRANCHING_USES = frozenset(INTERVAL_USES)
+# "compared": the compiled back end's name for a backward comparison no mask reproduces.
+BRANCHING_USES = frozenset(INTERVAL_USES) | {"compared"}
 
 
 def reads_sign(t: SavedTensor) -> bool:

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import actcompile
+from actcompile.codecs import get_codec
 from actcompile import actcompile as wrap
 
 WIDTH, BATCH = 256, 64
@@ -152,3 +153,43 @@ def test_semantics_matrix_compiled(construct):
     assert any(p.assignments for p in be.plans), f"{construct}: nothing was packed"
     c = cosine(ref, got)
     assert c > 0.99, f"{construct}: gradient cosine {c:.5f}"
+
+
+def _backward_reading(build):
+    """A backward-like graph: placeholder ``p`` (a saved value), ``g`` (a gradient), ops from ``build``."""
+    graph = torch.fx.Graph()
+    p, g = graph.placeholder("p"), graph.placeholder("g")
+    graph.output(build(graph, p, g))
+    return p
+
+
+def test_decomposed_relu_like_backwards_are_recognised_as_masks():
+    from actcompile.passes.inductor import COMPARED, _uses
+    from actcompile.passes.rules import reads_sign
+
+    aten = torch.ops.aten
+
+    def hardtanh(graph, p, g):   # Inductor's hardtanh_backward: where((p <= 0) | (p >= 6), 0, g)
+        outside = graph.call_function(aten.bitwise_or.Tensor, (graph.call_function(aten.le.Scalar, (p, 0.0)),
+                                                                graph.call_function(aten.ge.Scalar, (p, 6.0))))
+        return graph.call_function(aten.where.self, (outside, 0.0, g))
+
+    def leaky(graph, p, g):      # where(p > 0, g, g * 0.1), and p also read for its values
+        mask = graph.call_function(aten.gt.Scalar, (p, 0.0))
+        return graph.call_function(aten.where.self, (mask, g, graph.call_function(aten.mul.Tensor, (p, g))))
+
+    def below(graph, p, g):      # p < 1: no mask interval reproduces it
+        return graph.call_function(aten.where.self, (graph.call_function(aten.lt.Scalar, (p, 1.0)), g, 0.0))
+
+    (use,) = _uses(_backward_reading(hardtanh))
+    assert (use.op, use.scalar("min_val"), use.scalar("max_val")) == ("HardtanhBackward0", 0.0, 6.0)
+    assert get_codec("mask").exact_for((use,)).hi == 6.0, "ReLU6's saved value should get a (0, 6) mask"
+    uses = _uses(_backward_reading(leaky))
+    assert {u.op for u in uses} == {"ThresholdBackward0", "aten.mul.Tensor"}
+    assert get_codec("mask").exact_for(uses) is None, "a value also read for itself is not mask-exact"
+    (use,) = _uses(_backward_reading(below))
+    assert use.op == COMPARED
+    from actcompile.plan import SavedTensor, TensorKind
+    t = SavedTensor(index=0, node="p", ordinal=0, shape=(64, 64), dtype="float32", nbytes=16384,
+                    kind=TensorKind.ACTIVATION, uses=(use,), packed_shape=(64, 64))
+    assert reads_sign(t), "a compared value gets only sign-exact codecs"
