@@ -52,13 +52,19 @@ class SavedValuePartitioner(CustomPartitionerFn):
     def __call__(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any):
         from torch._functorch.partitioners import min_cut_rematerialization_partition
 
+        from actcompile.passes.branch_masks import save_branch_masks_
         from actcompile.passes.inductor import _fake_mode_of, compress_saved_, plan_saved
+        from actcompile.plan import RECOMPUTE
 
         fwd, bwd = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
         n = kwargs["num_fwd_outputs"]
         placeholders = list(fwd.graph.find_nodes(op="placeholder"))
         real = self.real_inputs if self.real_inputs is not None and len(self.real_inputs) == len(placeholders) else None
         plan = plan_saved(fwd, bwd, n, self.config, real)
+        packed = {a.node for a in plan.assignments if a.codec != RECOMPUTE}
+        # masks backward would recompute from a packed value: computed exactly in forward instead
+        if packed and save_branch_masks_(fwd, bwd, n, packed, _fake_mode_of(fwd)):
+            plan = plan_saved(fwd, bwd, n, self.config, real)   # the saved values changed
         self.packed.append(compress_saved_(fwd, bwd, n, plan, _fake_mode_of(fwd)))
         self.plans.append(plan)
         return fwd, bwd

@@ -193,3 +193,46 @@ def test_decomposed_relu_like_backwards_are_recognised_as_masks():
     t = SavedTensor(index=0, node="p", ordinal=0, shape=(64, 64), dtype="float32", nbytes=16384,
                     kind=TensorKind.ACTIVATION, uses=(use,), packed_shape=(64, 64))
     assert reads_sign(t), "a compared value gets only sign-exact codecs"
+
+
+def test_masks_backward_recomputes_from_a_packed_value_are_saved_exactly():
+    """Inductor saves conv → BN's input and recomputes the ReLU6 mask from it in backward; once
+    that input is packed the mask would flip. It is computed in forward and saved as bits."""
+    from actcompile.passes import branch_masks
+
+    torch.manual_seed(0)
+
+    def block(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU6(inplace=True)]
+
+    model = nn.Sequential(*block(3, 16), *block(16, 16), *block(16, 16), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(16, 10))
+    x, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    reference = grads_of(copy_of(model), x, labels)[1]
+    moved = []
+    original = branch_masks.save_branch_masks_
+
+    def recording(*args):
+        moved.extend(original(*args))
+        return moved
+
+    results = {}
+    for keep_masks in (False, True):
+        torch._dynamo.reset()
+        trained = copy_of(model)
+        be = actcompile.backend(budget=0.3, codecs=["int8"])
+        branch_masks.save_branch_masks_ = recording if keep_masks else (lambda *args: [])
+        try:
+            _, got = grads_of(torch.compile(trained, backend=be), x, labels)
+        finally:
+            branch_masks.save_branch_masks_ = original
+        results[keep_masks] = F.cosine_similarity(got, reference, dim=0).item()
+    assert moved, "no recomputed mask was moved to the forward"
+    assert results[True] > 0.9999, f"masks saved in forward: gradient cosine {results[True]:.6f}"
+    assert 1 - results[True] < (1 - results[False]) / 10, f"cosine with/without moved masks: {results}"
+
+
+def copy_of(model):
+    import copy
+
+    return copy.deepcopy(model)
