@@ -92,3 +92,20 @@ def test_training_with_compiled_codecs_gives_the_eager_gradients():
     assert cached_kernels() >= 2, "the compressed step ran no compiled kernel"
     cosine, rel = compare_gradients(expected, got)
     assert rel == 0.0, f"compiled kernels changed the gradients: rel err {rel:.3g}"
+
+
+def test_a_codec_with_cached_constants_compiles_without_poisoning_them():
+    """The DCT codec keeps its matrices behind an lru_cache: compiling must not cache FakeTensors."""
+    from actcompile.codecs import transform
+
+    transform._dct_matrix.cache_clear()
+    transform._zigzag.cache_clear()
+    codec = get_codec("dct", keep=0.25)   # a fixed kept size: one static kernel
+    x = torch.randn(4, 8, 32, 32, generator=torch.Generator().manual_seed(0))
+    fast = CompiledCodec(codec)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = fast.unpack(fast.pack(x))
+    assert not [w for w in caught if "could not compile" in str(w.message)], [str(w.message) for w in caught]
+    expected = codec.unpack(codec.pack(x))   # an eager call afterwards still works
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), "compiled DCT differs from eager"

@@ -116,7 +116,11 @@ def _compile(fn, args: tuple):
 
     example = _tensors(args, [])
     with torch.no_grad():
-        gm = make_fx(flat, tracing_mode="fake")(*example)
+        # Once eagerly first: a codec's cached constants (a DCT matrix behind an lru_cache) are
+        # then real tensors, which the trace lifts into the graph. Made first under the fake
+        # trace, they would be cached as FakeTensors and break every later eager call.
+        fn(*args)
+        gm = make_fx(flat, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
     out_template = traced["template"]
     if not _is_constant(out_template):
         raise _Unsupported("returns values computed from the data (not tensors or constants)")
