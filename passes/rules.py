@@ -45,7 +45,13 @@ def spec_of(t: SavedTensor) -> TensorSpec:
 def exact_for_use(codec, uses) -> bool:
     """True if every backward in ``uses`` reads only what ``codec`` keeps exactly."""
     exact_for = getattr(codec, "exact_for", None)
-    return exact_for is not None and bool(uses) and exact_for(uses) == codec
+    if exact_for is None or not uses:
+        return False
+    # the variant exact_for gives may also skip work those uses never read (mask's
+    # predicate_only); a codec that keeps the same thing without that shortcut is as exact
+    if "predicate_only" in {f.name for f in dataclasses.fields(codec)}:
+        codec = dataclasses.replace(codec, predicate_only=True)
+    return exact_for(uses) == codec
 
 
 def recomputable(node: torch.fx.Node, held_inputs: frozenset[str] = frozenset()) -> bool:
