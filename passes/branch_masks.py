@@ -74,13 +74,14 @@ def save_branch_masks_(fwd: torch.fx.GraphModule, bwd: torch.fx.GraphModule, num
                        packed: set[str], fake_mode) -> list[str]:
     """Move every mask the backward recomputes from a value in ``packed`` into the forward (1 bit
     per element saved); returns the names of the moved masks. ``fwd`` and ``bwd`` are rewritten."""
-    from actcompile.passes.inductor import _inline, _trace
+    from actcompile.passes.inductor import _in_logical_order, _inline, _trace, storage_orders
 
     output = fwd.graph.output_node()
     outputs = list(output.args[0])
     saved = {n.name for n in outputs[num_fwd_outputs:] if isinstance(n, torch.fx.Node)}
     in_forward = {n.name: n for n in fwd.graph.nodes}
     placeholders = {n.name: n for n in bwd.graph.find_nodes(op="placeholder")}
+    orders = storage_orders(fwd)
     moved = []
     for mask in _widest_masks(bwd.graph):
         nodes = _recomputation(mask, saved)
@@ -98,7 +99,12 @@ def save_branch_masks_(fwd: torch.fx.GraphModule, bwd: torch.fx.GraphModule, num
                 copy.meta = dict(node.meta)
                 env[node] = copy
             val = mask.meta["val"]
-            pack_gm = _trace(lambda m: pack_bits(m, 1), (val,), fake_mode)
+            # bits in the storage order of the values the mask is computed from (channels-last
+            # under Inductor's layout optimization): a contiguous pass instead of a transposing one
+            order = next((orders[s] for s in sorted(sources) if s in orders
+                          and tuple(in_forward[s].meta["val"].shape) == tuple(val.shape)), None)
+            permuted = tuple(val.shape) if order is None else tuple(val.shape[d] for d in order)
+            pack_gm = _trace(lambda m: pack_bits(m if order is None else m.permute(order), 1), (val,), fake_mode)
             bits = _inline(fwd.graph, pack_gm, [env[mask]])
         tensors = [s for s in sources if isinstance(in_forward[s].meta.get("val"), torch.Tensor)]
         last_source = max(outputs.index(in_forward[s]) for s in tensors)   # saved symints come after tensors
@@ -108,7 +114,8 @@ def save_branch_masks_(fwd: torch.fx.GraphModule, bwd: torch.fx.GraphModule, num
         with bwd.graph.inserting_after(after):
             ph = bwd.graph.placeholder(bits.name)
         ph.meta = dict(bits.meta)
-        unpack_gm = _trace(lambda b: unpack_bits(b, 1, val.numel(), torch.int32).reshape(val.shape) != 0,
+        unpack_gm = _trace(lambda b: _in_logical_order(unpack_bits(b, 1, val.numel(), torch.int32).reshape(permuted) != 0,
+                                                       order),
                            (bits.meta["val"],), fake_mode)
         with bwd.graph.inserting_before(mask):
             decoded = _inline(bwd.graph, unpack_gm, [ph])

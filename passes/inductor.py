@@ -125,7 +125,8 @@ def profile_saved(fwd: torch.fx.GraphModule, bwd: torch.fx.GraphModule, num_fwd_
 
 def calibrate_saved(fwd: torch.fx.GraphModule, num_fwd_outputs: int, real_inputs: Sequence | None,
                     choices: dict) -> dict:
-    """Each candidate codec's measured error on the real saved values (forward run on ``real_inputs``).
+    """Each candidate codec's measured error on the real saved values (forward run on ``real_inputs``),
+    each packed in its storage order (:func:`storage_orders`), as the compiled forward packs it.
 
     Without real inputs (or if the forward cannot run on them), a codec's error is taken as its
     documented bound; the plan then says so through its errors.
@@ -134,6 +135,7 @@ def calibrate_saved(fwd: torch.fx.GraphModule, num_fwd_outputs: int, real_inputs
 
     values = {}
     results = {}
+    orders = storage_orders(fwd)
     with unset_fake_temporarily(), torch.no_grad(), torch.random.fork_rng():   # partitioning runs under fake mode
         if real_inputs is not None:
             try:
@@ -144,6 +146,8 @@ def calibrate_saved(fwd: torch.fx.GraphModule, num_fwd_outputs: int, real_inputs
                 values = {}
         for key, codecs in choices.items():
             x = values.get(key[0])
+            if isinstance(x, torch.Tensor) and key[0] in orders:
+                x = x.permute(orders[key[0]])
             measured = []
             for codec in codecs:
                 if isinstance(x, torch.Tensor):
@@ -175,17 +179,101 @@ def plan_saved(fwd, bwd, num_fwd_outputs: int, config: CompileConfig, real_input
     """The plan for one compiled graph's saved values under ``config``'s budget."""
     profile = profile_saved(fwd, bwd, num_fwd_outputs)
     candidates, _ = split_candidates(profile, config)
-    choices = {(t.node, 0): codec_choices(t, config) for t in candidates}
+    orders = storage_orders(fwd)
+    choices = {(t.node, 0): [_rows_as_groups(codec, _storage_shape(t.shape, orders.get(t.node)))
+                             for codec in codec_choices(t, config)] for t in candidates}
     choices = {k: v for k, v in choices.items() if v}
     calibration = calibrate_saved(fwd, num_fwd_outputs, real_inputs, choices)
     config = _no_recompute(config)
     return choose_plans([profile], config, [calibration])[0]
 
 
+def _storage_shape(shape: tuple[int, ...], order: tuple[int, ...] | None) -> tuple[int, ...]:
+    return shape if order is None else tuple(shape[d] for d in order)
+
+
+ROW_GROUP = (64, 1024)   # a row of storage used as a quantizer group when its length is in this range
+
+
+def _rows_as_groups(codec, shape: tuple[int, ...]):
+    """``codec`` with its quantization groups made of whole trailing dims of the storage
+    (e.g. one pixel's channels, channels-last), where that gives a group of 64–1024 elements.
+
+    A group that ends where a dim ends has its scale at an index affine in the loop variables
+    of every kernel reading the value; a fixed 256-element group does not (``c // 256`` across
+    a 96-channel row), and Inductor then emits a scalar loop for the backward kernel that
+    dequantizes (MobileNetV2 at 1/4: a 5.6 ms kernel, plain compile's version 0.7 ms; the
+    backward 70 → 49 ms, plain compile's 45 ms).
+    """
+    fields = {f.name for f in dataclasses.fields(codec)}
+    if "group_size" not in fields:
+        return codec
+    row = 1
+    for size in reversed(shape):
+        row *= size
+        if row >= ROW_GROUP[0]:
+            break
+    if not ROW_GROUP[0] <= row <= ROW_GROUP[1] or row % 8:
+        return codec
+    return dataclasses.replace(codec, group_size=row)
+
+
 def _no_recompute(config: CompileConfig) -> CompileConfig:
     # Inductor's partitioner already made the recompute choices; ours has no node to re-run here,
     # and there is no autograd graph to reserve heap for.
     return dataclasses.replace(config, recompute=False, reserve_bytes_per_node=0)
+
+
+# -- the layout Inductor will give each value -------------------------------------------------
+def storage_orders(fwd: torch.fx.GraphModule) -> dict[str, tuple[int, ...]]:
+    """For each forward value not laid out in its logical order, the dim order of its storage
+    (``x.permute(order)`` is contiguous), as Inductor will lower it.
+
+    The partitioned graph's fake values carry eager strides, but Inductor's layout optimization
+    stores the 4-D values along convolution chains channels-last (always on CPU with mkldnn). A
+    codec flattening ``x.reshape(-1)`` then reads every element across the channel stride and
+    writes its payload the same way; packing ``x.permute(order)`` reads the storage in order
+    (MobileNetV2 at 1/4, step × plain compile: 1.70 → 1.56; with :func:`_rows_as_groups` 1.16).
+    """
+    orders = {}
+    channels_last = _channels_last_nodes(fwd)
+    for node in fwd.graph.nodes:
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.dim() < 2:
+            continue
+        if node.name in channels_last and val.dim() == 4:
+            order = (0, 2, 3, 1)
+        elif val.is_contiguous():
+            continue
+        else:   # the fake value's own strides
+            strides = val.stride()
+            order = tuple(sorted(range(val.dim()), key=lambda d: -strides[d]))
+        if order != tuple(range(val.dim())):
+            orders[node.name] = order
+    return orders
+
+
+def _channels_last_nodes(fwd: torch.fx.GraphModule) -> set[str]:
+    """The nodes Inductor's layout optimization makes channels-last (its own heuristics, asked
+    directly; an empty set where this torch lacks them)."""
+    import types
+
+    from torch._inductor.graph import GraphLowering
+
+    try:
+        if not GraphLowering.decide_layout_opt(fwd, is_inference=False):
+            return set()
+        return {n.name for n in GraphLowering.find_nodes_prefer_channels_last(types.SimpleNamespace(module=fwd))}
+    except Exception:   # private Inductor API: a torch that moved it keeps eager's layout assumption
+        return set()
+
+
+def inverse_order(order: tuple[int, ...]) -> tuple[int, ...]:
+    """The permutation undoing ``order``: ``x.permute(order).permute(inverse_order(order))`` is ``x``."""
+    inverse = [0] * len(order)
+    for position, dim in enumerate(order):
+        inverse[dim] = position
+    return tuple(inverse)
 
 
 # -- the rewrite -----------------------------------------------------------------------------
@@ -252,6 +340,7 @@ def compress_saved_(fwd: torch.fx.GraphModule, bwd: torch.fx.GraphModule, num_fw
     outputs = list(output.args[0])
     placeholders = {n.name: n for n in bwd.graph.find_nodes(op="placeholder")}
     new_outputs = list(outputs[:num_fwd_outputs])
+    orders = storage_orders(fwd)
     report = []
     for node in outputs[num_fwd_outputs:]:
         a = chosen.get(getattr(node, "name", None))
@@ -261,7 +350,8 @@ def compress_saved_(fwd: torch.fx.GraphModule, bwd: torch.fx.GraphModule, num_fw
             continue
         codec = get_codec(a.codec, **dict(a.options), **({"epsilon": a.epsilon} if a.epsilon is not None else {}))
         val = node.meta["val"]
-        pack_gm = _trace(lambda x: codec.pack(x), (val,), fake_mode)
+        order = orders.get(node.name)
+        pack_gm = _trace(lambda x: codec.pack(x if order is None else x.permute(order)), (val,), fake_mode)
         with fwd.graph.inserting_before(node.next):   # (inserting_after would reverse the copied nodes)
             payload = _inline(fwd.graph, pack_gm, [node])
         leaves, spec = tree_flatten(payload)
@@ -274,7 +364,8 @@ def compress_saved_(fwd: torch.fx.GraphModule, bwd: torch.fx.GraphModule, num_fw
                 ph = bwd.graph.placeholder(t.name)
                 ph.meta = dict(t.meta)
                 inputs.append(ph)
-        unpack_gm = _trace(lambda *tensor_args: codec.unpack(_refill(spec, leaves, tensor_args)),
+        unpack_gm = _trace(lambda *tensor_args: _in_logical_order(codec.unpack(_refill(spec, leaves, tensor_args)),
+                                                                  order),
                            tuple(t.meta["val"] for t in tensors), fake_mode)
         first_use = _first_use(in_backward)
         before = set(bwd.graph.nodes)
@@ -295,6 +386,10 @@ def compress_saved_(fwd: torch.fx.GraphModule, bwd: torch.fx.GraphModule, num_fw
                         min(position[n] for n in bwd.graph.nodes if n.meta.get(UNPACK_OF) == name),
                         min(position[u] for u in decoded.users))
             for name, codec, payload, decoded in report]
+
+
+def _in_logical_order(x: torch.Tensor, order: tuple[int, ...] | None) -> torch.Tensor:
+    return x if order is None else x.permute(inverse_order(order))
 
 
 def _refill(spec, leaves, tensors):

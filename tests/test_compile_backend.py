@@ -236,3 +236,53 @@ def copy_of(model):
     import copy
 
     return copy.deepcopy(model)
+
+
+def test_quantizer_groups_are_whole_rows_of_storage():
+    from actcompile.passes.inductor import _rows_as_groups, inverse_order
+
+    int8 = get_codec("int8")
+    assert _rows_as_groups(int8, (4, 32, 32, 96)).group_size == 96        # one pixel's channels
+    assert _rows_as_groups(int8, (4, 32, 32, 16)).group_size == 512       # a row of pixels
+    assert _rows_as_groups(int8, (4, 8, 8, 1280)).group_size == 256       # a row over 1024: the default
+    assert _rows_as_groups(int8, (10, 7, 9)).group_size == 256            # 630, not a multiple of 8
+    assert _rows_as_groups(get_codec("mask"), (4, 32, 32, 96)) == get_codec("mask")   # no groups
+    x = torch.randn(2, 3, 4, 5)
+    assert torch.equal(x.permute(0, 2, 3, 1).permute(inverse_order((0, 2, 3, 1))), x)
+
+
+def test_packs_read_inductors_channels_last_storage_in_order():
+    """Inductor lays conv activations out channels-last on CPU; the partitioned graph's fake values
+    still say NCHW. The codecs pack each value in its storage order, one pixel's channels per
+    quantizer group, and the gradients stay those of the uncompressed model."""
+    from actcompile.passes import inductor
+
+    torch.manual_seed(0)
+
+    def block(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+    model = nn.Sequential(*block(3, 64), *block(64, 64), *block(64, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(64, 10))
+    x, labels = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    reference = grads_of(copy_of(model), x, labels)[1]
+    orders = []
+    original = inductor.storage_orders
+
+    def recording(fwd):
+        orders.append(original(fwd))
+        return orders[-1]
+
+    trained = copy_of(model)
+    be = actcompile.backend(budget=0.3, codecs=["int8"])
+    inductor.storage_orders = recording
+    try:
+        _, got = grads_of(torch.compile(trained, backend=be), x, labels)
+    finally:
+        inductor.storage_orders = original
+    assert orders and any(order == (0, 2, 3, 1) for order in orders[0].values()), orders
+    packed_4d = [a for p in be.plans for a in p.assignments if len(a.shape) == 4]
+    assert packed_4d, "no activation was packed"
+    assert all(dict(a.options)["group_size"] == 64 for a in packed_4d), [a.options for a in packed_4d]
+    cos = F.cosine_similarity(got, reference, dim=0).item()
+    assert cos > 0.999, f"gradient cosine {cos:.5f}"
