@@ -93,9 +93,22 @@ def gradient_error(codec) -> float:
     return compare_gradients(reference, grads)[1]
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="codec size, error and speed against a copy")
+    parser.add_argument("--codecs", nargs="*", default=None,
+                        help="a subset of the registered codecs (and 'mask (ReLU)'); default: all")
+    ns = parser.parse_args(argv)
+    names = [*available_codecs(), "mask (ReLU)"]
+    if ns.codecs is not None:
+        unknown = sorted(set(ns.codecs) - set(names))
+        if unknown:
+            parser.error(f"unknown codecs {unknown}; known: {names}")
+        names = [n for n in names if n in ns.codecs]
     print("# actcompile codec benchmark\n")
-    print("Command: `python benchmarks/codecs.py > benchmarks/results/codecs.md`  ")
+    arguments = "".join(f" {a!r}" if " " in a else f" {a}" for a in sys.argv[1:])
+    print(f"Command: `python benchmarks/codecs.py{arguments} > benchmarks/results/codecs.md`  ")
     print(f"Date: {datetime.date.today().isoformat()}  ")
     print(f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU\n")
     tensors = activations()
@@ -104,7 +117,7 @@ def main() -> None:
         print(f"\n## `{label}`: {tuple(x.shape)} fp32, {x.nbytes / 1e6:.1f} MB; copy {copy * 1e3:.1f} ms\n")
         print("| codec | ε | ratio | rel. error | enc+dec × copy, eager | compiled | ResNet-18 grad rel. error | target |")
         print("|---|---|---|---|---|---|---|---|")
-        for name in [*available_codecs(), "mask (ReLU)"]:
+        for name in names:
             if name == "none":
                 continue
             fixed = get_codec(name.split()[0]).fixed_rate

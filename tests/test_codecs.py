@@ -308,3 +308,29 @@ def test_property_error_and_size(shape, dtype, name, epsilon, scale, seed):
         assert packed_bytes(packed) == declared
     else:
         assert relative_error(x, y) <= bound(name, epsilon, dtype)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 37, 50), (4, 5, 40), (3, 2, 9, 20, 18)])
+def test_dct_lowfreq_keeps_the_first_zigzag_coefficients_of_each_block(shape):
+    """The grid transform (one matmul per axis where the blocks lie, only the kept box of
+    frequencies) gives the coefficients the per-block reference transform gives."""
+    from actcompile.codecs.transform import _Blocks, _transform, _zigzag
+
+    torch.manual_seed(0)
+    x = torch.randn(shape).cumsum(-1)   # signed, smooth along the last dim, borders padded
+    geometry = _Blocks(shape, 16)
+    reference = _transform(geometry.split(x), inverse=False).reshape(geometry.count, -1)[:, _zigzag(geometry.block)]
+    for keep in (0.05, 0.3, 1.0):
+        values, _, _, m = get_codec("dct", keep=keep).pack(x)
+        assert m == math.ceil(keep * geometry.size)
+        assert torch.allclose(values, reference[:, :m], atol=1e-4), f"keep={keep}: coefficients differ"
+    for eps in (0.01, 0.1, 0.3):
+        codec = get_codec("dct", epsilon=eps)
+        packed = codec.pack(x)
+        m = packed[-1]
+        kept = reference[:, :m].double().square().sum()
+        total = x.double().square().sum()
+        assert ((total - kept) / total).sqrt() <= eps, f"ε={eps}: the {m} coefficients kept drop too much"
+        shorter = reference[:, :m - 1].double().square().sum()
+        assert m == 0 or ((total - shorter) / total).sqrt() > eps, f"ε={eps}: {m} is not the fewest"
+        assert relative_error(x, codec.unpack(packed)) <= eps + 1e-5

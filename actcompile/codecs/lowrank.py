@@ -28,7 +28,8 @@ from typing import ClassVar
 import torch
 
 from actcompile.codecs import register_codec
-from actcompile.codecs.base import TensorSpec, VariableRate, energy_cut, is_float, packed_bytes, relative_error  # noqa: F401
+from actcompile.codecs.base import (TensorSpec, VariableRate, energy_cut, is_float, packed_bytes,  # noqa: F401
+                                    relative_error, squared_norm)
 from actcompile.errors import CodecError
 
 
@@ -94,7 +95,7 @@ class SVDCodec(VariableRate):
         values, vectors = _spectrum(matrix @ matrix.T if short_first else matrix.T @ matrix)
         k = limit
         if self.target_epsilon is not None:
-            total = matrix.double().square().sum().item()
+            total = squared_norm(matrix)
             k = min(limit, energy_cut(values, total, self.target_epsilon))
         while True:
             basis = vectors[:, :k].float()
@@ -130,7 +131,16 @@ def _left_spectrum(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _mode_product(core: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.Tensor:
     """``core ×_mode matrix``: contract ``core``'s dim ``mode`` with ``matrix``'s columns."""
+    if mode == core.dim() - 1:   # the contiguous dim: one matmul, no transposed copy of ``core``
+        return core @ matrix.T
     return torch.tensordot(matrix, core.movedim(mode, 0), dims=1).movedim(0, mode)
+
+
+def _unfolding(core: torch.Tensor, mode: int) -> torch.Tensor:
+    """The mode-``mode`` unfolding (its dim by all the others); a view for the last mode."""
+    if mode == core.dim() - 1:
+        return core.reshape(-1, core.shape[mode]).T
+    return core.movedim(mode, 0).reshape(core.shape[mode], -1)
 
 
 @register_codec
@@ -195,7 +205,7 @@ class HOSVDCodec(VariableRate):
         for mode in sorted(range(tensor.dim()), key=lambda i: -tensor.shape[i]):
             if tensor.shape[mode] > self.MAX_MODE:
                 continue   # kept whole (factor None): see MAX_MODE
-            unfolded = core.movedim(mode, 0).reshape(core.shape[mode], -1)
+            unfolded = _unfolding(core, mode)
             values, vectors = _left_spectrum(unfolded)
             if ranks is not None:
                 r = ranks[mode]
@@ -216,7 +226,7 @@ class HOSVDCodec(VariableRate):
             if self.target_epsilon is None:
                 core, factors = self._decompose(tensor, ranks=self._fixed_ranks(dims))
             else:
-                total = tensor.double().square().sum().item()
+                total = squared_norm(tensor)
                 allowed = (self.target_epsilon ** 2) * total / len(dims)
                 for _ in range(4):   # tighten if rounding pushed the exact error over ε
                     core, factors = self._decompose(tensor, allowed=allowed)
