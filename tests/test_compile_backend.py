@@ -201,12 +201,7 @@ def test_masks_backward_recomputes_from_a_packed_value_are_saved_exactly():
     from actcompile.passes import branch_masks
 
     torch.manual_seed(0)
-
-    def block(cin, cout):
-        return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU6(inplace=True)]
-
-    model = nn.Sequential(*block(3, 16), *block(16, 16), *block(16, 16), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(16, 10))
+    model = conv_net(16, nn.ReLU6)
     x, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     reference = grads_of(copy_of(model), x, labels)[1]
     moved = []
@@ -230,6 +225,15 @@ def test_masks_backward_recomputes_from_a_packed_value_are_saved_exactly():
     assert moved, "no recomputed mask was moved to the forward"
     assert results[True] > 0.9999, f"masks saved in forward: gradient cosine {results[True]:.6f}"
     assert 1 - results[True] < (1 - results[False]) / 10, f"cosine with/without moved masks: {results}"
+
+
+def conv_net(width: int, activation) -> nn.Sequential:
+    """Three conv → BN → ``activation`` blocks of ``width`` channels, pooled into 10 classes."""
+    layers, cin = [], 3
+    for _ in range(3):
+        layers += [nn.Conv2d(cin, width, 3, padding=1), nn.BatchNorm2d(width), activation(inplace=True)]
+        cin = width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
 
 
 def copy_of(model):
@@ -258,12 +262,7 @@ def test_packs_read_inductors_channels_last_storage_in_order():
     from actcompile.passes import inductor
 
     torch.manual_seed(0)
-
-    def block(cin, cout):
-        return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-
-    model = nn.Sequential(*block(3, 64), *block(64, 64), *block(64, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(64, 10))
+    model = conv_net(64, nn.ReLU)
     x, labels = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
     reference = grads_of(copy_of(model), x, labels)[1]
     orders = []
