@@ -114,7 +114,7 @@ def save_branch_masks_(fwd: torch.fx.GraphModule, bwd: torch.fx.GraphModule, num
         with bwd.graph.inserting_after(after):
             ph = bwd.graph.placeholder(bits.name)
         ph.meta = dict(bits.meta)
-        unpack_gm = _trace(lambda b: _in_logical_order(unpack_bits(b, 1, val.numel(), torch.int32).reshape(permuted) != 0,
+        unpack_gm = _trace(lambda b: _in_logical_order(unpack_bits(b, 1, val.numel(), torch.int32, shape=permuted) != 0,
                                                        order),
                            (bits.meta["val"],), fake_mode)
         with bwd.graph.inserting_before(mask):

@@ -334,3 +334,21 @@ def test_dct_lowfreq_keeps_the_first_zigzag_coefficients_of_each_block(shape):
         shorter = reference[:, :m - 1].double().square().sum()
         assert m == 0 or ((total - shorter) / total).sqrt() > eps, f"ε={eps}: {m} is not the fewest"
         assert relative_error(x, codec.unpack(packed)) <= eps + 1e-5
+
+
+@pytest.mark.parametrize("shape", [(16, 6, 5, 3), (4, 6, 5, 3), (3, 5, 7, 8), (2, 3, 4), (8,), (5, 3)])
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_unpack_bits_in_a_shape_reads_the_same_bytes(shape, bits):
+    # Planes cut along the leading dims (when exact) are the flat layout's planes: same bytes,
+    # only the index expression differs (affine in the trailing dims, for Inductor's tiling).
+    numel = math.prod(shape)
+    values = torch.randint(0, 2**bits, (numel,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    packed = pack_bits(values, bits)
+    shaped = unpack_bits(packed, bits, numel, torch.int32, shape=shape)
+    assert shaped.shape == shape
+    assert torch.equal(shaped.reshape(-1), values.to(torch.int32)), f"{shape}, {bits} bits: values differ"
+
+
+def test_unpack_bits_rejects_a_shape_of_another_size():
+    with pytest.raises(ValueError, match=r"shape=\(2, 3\) holds 6 values, not numel=8"):
+        unpack_bits(pack_bits(torch.zeros(8, dtype=torch.uint8), 1), 1, 8, shape=(2, 3))

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 SUPPORTED_BITS = (1, 2, 4, 8)
@@ -50,15 +52,37 @@ def pack_bits(values: torch.Tensor, bits: int, block: int | None = None) -> torc
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, numel: int, dtype: torch.dtype = torch.uint8,
-                block: int | None = None) -> torch.Tensor:
-    """Inverse of :func:`pack_bits` (same ``block``): the first ``numel`` values, as ``dtype``.
+                block: int | None = None, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack_bits` (same ``block``): the first ``numel`` values, as ``dtype``
+    (and in ``shape`` when given, which must hold ``numel`` values).
 
     One fused pass. Callers that go on computing ask for the dtype they compute in (int32 to
     compare, float32 to scale): a uint8 intermediate makes Inductor convert vector masks
     through 8-bit lanes, a scalar loop on CPU (measured: mask unpack 25× a copy, 0.9× from int32).
+
+    With ``shape`` and whole-tensor planes, the planes are cut along ``shape``'s leading dims
+    where that is exact (same bytes): a compiled kernel then indexes the bits as
+    ``(n % (N/8))·rest + (linear in the other dims)`` instead of ``flat % (numel/8)``, which
+    Inductor cannot prove contiguous along any dim. It then tiles the kernel reading them in
+    its best loop order (MobileNetV2's BatchNorm backwards read a channels-last mask in an
+    NCHW loop: 36 of 45 strided gathers in the compiled backward came from this).
     """
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits={bits}: supported widths are {SUPPORTED_BITS}")
+    if shape is not None and math.prod(shape) != numel:
+        raise ValueError(f"shape={tuple(shape)} holds {math.prod(shape)} values, not numel={numel}")
+    per_byte = 8 // bits
+    split = _leading_split(shape, per_byte) if shape is not None and block is None and bits < 8 else None
+    if split is not None:
+        lead, inner = split
+        shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=packed.device).reshape(per_byte, 1, 1)
+        planes = (packed.reshape(1, lead // per_byte, inner).to(torch.int32) >> shifts) & ((1 << bits) - 1)
+        return planes.reshape(shape).to(dtype)
+    values = _unpack_flat(packed, bits, numel, dtype, block)
+    return values if shape is None else values.reshape(shape)
+
+
+def _unpack_flat(packed, bits, numel, dtype, block):
     if bits == 8:
         return packed[:numel].to(dtype)
     per_byte = 8 // bits
@@ -68,3 +92,14 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int, dtype: torch.dtype 
     shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=packed.device).reshape(1, per_byte, 1)
     planes = (packed.reshape(-1, 1, width).to(torch.int32) >> shifts) & ((1 << bits) - 1)
     return planes.reshape(-1)[:numel].to(dtype)
+
+
+def _leading_split(shape: tuple[int, ...], per_byte: int) -> tuple[int, int] | None:
+    """``(lead, inner)``: the product of the fewest leading dims of ``shape`` that is a multiple
+    of ``per_byte``, and of the rest; ``None`` if there is none (or the tensor is empty)."""
+    lead = 1
+    for k, size in enumerate(shape):
+        lead *= size
+        if lead and lead % per_byte == 0:
+            return lead, math.prod(shape[k + 1:])
+    return None

@@ -121,6 +121,6 @@ class MaskCodec:
 
     def unpack(self, packed: tuple) -> torch.Tensor:
         bits, value, shape, dtype = packed
-        inside = unpack_bits(bits, 1, math.prod(shape), torch.int32) != 0
+        inside = unpack_bits(bits, 1, math.prod(shape), torch.int32, shape=shape) != 0
         outside = torch.full((), self.lo, dtype=torch.float32, device=bits.device)
         return torch.where(inside, value, outside).to(dtype).reshape(shape)

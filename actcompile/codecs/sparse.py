@@ -130,6 +130,6 @@ class ThresholdCodec(VariableRate):
 
     def unpack(self, packed: tuple) -> torch.Tensor:
         bits, values, shape = packed
-        keep = unpack_bits(bits, 1, math.prod(shape), torch.int32) != 0
-        out = torch.zeros(keep.numel(), dtype=values.dtype, device=values.device)
-        return out.masked_scatter(keep, values).reshape(shape)
+        keep = unpack_bits(bits, 1, math.prod(shape), torch.int32, shape=shape) != 0
+        out = torch.zeros(shape, dtype=values.dtype, device=values.device)
+        return out.masked_scatter(keep, values)
