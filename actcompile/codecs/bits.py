@@ -48,7 +48,7 @@ def pack_bits(values: torch.Tensor, bits: int, block: int | None = None) -> torc
     packed = planes[:, 0]
     for plane in range(1, per_byte):
         packed = packed | (planes[:, plane] << (plane * bits))
-    return packed.reshape(-1).to(torch.uint8)
+    return packed.to(torch.uint8).reshape(-1)   # converted in (groups, width) form: a vector loop per group
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, numel: int, dtype: torch.dtype = torch.uint8,
