@@ -192,18 +192,22 @@ def _storage_shape(shape: tuple[int, ...], order: tuple[int, ...] | None) -> tup
     return shape if order is None else tuple(shape[d] for d in order)
 
 
-ROW_GROUP = (64, 1024)   # a row of storage used as a quantizer group when its length is in this range
+ROW_GROUP = (64, 4096)   # a row of storage used as a quantizer group when its length is in this range
 
 
 def _rows_as_groups(codec, shape: tuple[int, ...]):
     """``codec`` with its quantization groups made of whole trailing dims of the storage
-    (e.g. one pixel's channels, channels-last), where that gives a group of 64–1024 elements.
+    (e.g. one pixel's channels, channels-last), where that gives a group of 64–4096 elements.
 
     A group that ends where a dim ends has its scale at an index affine in the loop variables
     of every kernel reading the value; a fixed 256-element group does not (``c // 256`` across
     a 96-channel row), and Inductor then emits a scalar loop for the backward kernel that
     dequantizes (MobileNetV2 at 1/4: a 5.6 ms kernel, plain compile's version 0.7 ms; the
-    backward 70 → 49 ms, plain compile's 45 ms).
+    backward 70 → 49 ms, plain compile's 45 ms). A group that splits a row is as bad even when
+    it divides it: the quantizer's loop runs over groups, and Inductor indexes a value it inlines
+    (a GELU recomputed from its matmul) as ``row·(g // k) + (G·g + i) % row``, a scalar loop (a
+    small ViT's 1536-wide MLP rows in 256-element groups: 1.33× plain compile's step; as whole
+    rows, 0.95×).
     """
     fields = {f.name for f in dataclasses.fields(codec)}
     if "group_size" not in fields:

@@ -248,7 +248,8 @@ def test_quantizer_groups_are_whole_rows_of_storage():
     int8 = get_codec("int8")
     assert _rows_as_groups(int8, (4, 32, 32, 96)).group_size == 96        # one pixel's channels
     assert _rows_as_groups(int8, (4, 32, 32, 16)).group_size == 512       # a row of pixels
-    assert _rows_as_groups(int8, (4, 8, 8, 1280)).group_size == 256       # a row over 1024: the default
+    assert _rows_as_groups(int8, (4, 65, 1536)).group_size == 1536        # a transformer MLP's row
+    assert _rows_as_groups(int8, (4, 8, 8200)).group_size == 256          # a row over 4096: the default
     assert _rows_as_groups(int8, (10, 7, 9)).group_size == 256            # 630, not a multiple of 8
     assert _rows_as_groups(get_codec("mask"), (4, 32, 32, 96)) == get_codec("mask")   # no groups
     x = torch.randn(2, 3, 4, 5)
