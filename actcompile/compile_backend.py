@@ -11,11 +11,19 @@
 
 ``"actcompile"`` is registered through the ``torch_dynamo_backends`` entry-point group, so no
 import is needed. Each graph Dynamo captures is compiled by Inductor's ``compile_fx`` with a
-custom partitioner (:class:`~actcompile.passes.inductor.SavedValuePartitioner`): Inductor's own
+custom partitioner (:class:`SavedValuePartitioner`): Inductor's own
 min-cut partition first, then the plan over the values it saves, packed in the forward and
 unpacked at first use in the backward (see :mod:`actcompile.passes.inductor`). The budget is a
-fraction of the bytes Inductor would save for that graph, or bytes per graph. Options are the
-same as :func:`actcompile.actcompile`'s and give the same errors.
+fraction of the bytes Inductor would save, or bytes. Options are the same as
+:func:`actcompile.actcompile`'s and give the same errors.
+
+Graph breaks split a forward into several graphs, compiled one by one as the first forward
+reaches them. They share one budget (:class:`ForwardBudget`): a fraction is of the bytes all of
+them would save, and each graph is planned to what the budget allows the graphs compiled so far,
+less what those before it were planned to keep. A graph that cannot be brought to its share (a
+loss after a graph break saves a few KiB of integer labels and softmax statistics, none of it
+compressible) keeps what it must and the graphs compiled after it pay the difference. If nothing
+pays, the first backward raises :class:`~actcompile.errors.BudgetError`, naming the bytes.
 
 >>> import torch
 >>> class Net(torch.nn.Module):
@@ -34,20 +42,92 @@ True
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Sequence
 
 import torch
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
-from actcompile.config import CompileConfig
-from actcompile.plan import Plan
+from actcompile.config import Budget, CompileConfig
+from actcompile.errors import BudgetError
+from actcompile.plan import Plan, format_bytes
+
+TAIL_RESERVE = 0.01   # of its share, each graph leaves to the graphs compiled after it (see ForwardBudget)
+
+
+@dataclasses.dataclass
+class _GraphBytes:
+    baseline: int   # what the graph would save uncompressed
+    planned: int    # what its plan keeps
+    least: int      # the least any plan of it keeps
+
+
+class ForwardBudget:
+    """One budget for the graphs of one forward, which Dynamo compiles one after another.
+
+    Each graph (one entry per Dynamo frame; a recompile replaces the frame's entry) is planned to
+    ``budget(baselines so far) - planned bytes of the others``, less :data:`TAIL_RESERVE` of that
+    for graphs still to come if it must compress: the slack a plan leaves goes to the next graph, and a graph that
+    cannot meet its share is planned to the least it can keep, its excess carried as
+    :attr:`overshoot_bytes` until a later graph pays it.
+
+    >>> ledger = ForwardBudget(Budget(fraction=0.25))
+    >>> ledger.share("0", 4000)           # the first graph: 1/4 of its 4000 B, 1% kept back
+    990
+    >>> ledger.record("0", baseline=4000, planned=980, least=500)
+    >>> ledger.share("1", 40)             # a small graph after a break: 1/4 of 4040 B less 980 planned
+    29
+    >>> ledger.record("1", baseline=40, planned=40, least=40)   # it can compress nothing
+    >>> ledger.overshoot_bytes
+    10
+    """
+
+    def __init__(self, budget: Budget):
+        self.budget = budget
+        self.graphs: dict[str, _GraphBytes] = {}
+
+    def share(self, key: str, baseline: int) -> int:
+        """The bytes graph ``key``, saving ``baseline`` bytes uncompressed, may keep."""
+        others = [g for k, g in self.graphs.items() if k != key]
+        allowed = self.budget.resolve(baseline + sum(g.baseline for g in others)) - sum(g.planned for g in others)
+        return allowed if baseline <= allowed else int(allowed * (1 - TAIL_RESERVE))
+
+    def record(self, key: str, *, baseline: int, planned: int, least: int) -> None:
+        self.graphs[key] = _GraphBytes(baseline, planned, least)
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.budget.resolve(sum(g.baseline for g in self.graphs.values()))
+
+    @property
+    def overshoot_bytes(self) -> int:
+        """Planned bytes of all graphs over the budget (0 when the forward meets it)."""
+        return max(0, sum(g.planned for g in self.graphs.values()) - self.budget_bytes)
+
+    def check(self) -> None:
+        """Raise :class:`BudgetError` if the graphs compiled so far are planned over the budget."""
+        over = self.overshoot_bytes
+        if not over:
+            return
+        least = sum(g.least for g in self.graphs.values())
+        at_least = [f"graph {k} keeps {format_bytes(g.planned)} of {format_bytes(g.baseline)}"
+                    for k, g in self.graphs.items() if g.planned == g.least]
+        raise BudgetError(
+            f"torch.compile(backend='actcompile'): the forward's {len(self.graphs)} graph(s) are planned to keep "
+            f"{format_bytes(self.budget_bytes + over)}, {format_bytes(over)} over the budget ({self.budget}: "
+            f"{format_bytes(self.budget_bytes)}), and no graph compiled after them could pay it ({'; '.join(at_least)}, "
+            f"the least it can). The least all graphs can keep is {format_bytes(least)} ({least} B)",
+            smallest_bytes=least)
 
 
 class SavedValuePartitioner(CustomPartitionerFn):
     """Inductor's min-cut partition, then the saved values planned and packed (one graph)."""
 
-    def __init__(self, config: CompileConfig, real_inputs: Sequence | None, plans: list, packed: list):
+    def __init__(self, config: CompileConfig, real_inputs: Sequence | None, plans: list, packed: list,
+                 ledger: ForwardBudget, key: str):
         self.config, self.real_inputs, self.plans, self.packed = config, real_inputs, plans, packed
+        self.ledger, self.key = ledger, key
 
     def __call__(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any):
         from torch._functorch.partitioners import min_cut_rematerialization_partition
@@ -60,11 +140,13 @@ class SavedValuePartitioner(CustomPartitionerFn):
         n = kwargs["num_fwd_outputs"]
         placeholders = list(fwd.graph.find_nodes(op="placeholder"))
         real = self.real_inputs if self.real_inputs is not None and len(self.real_inputs) == len(placeholders) else None
-        plan = plan_saved(fwd, bwd, n, self.config, real)
+        share = functools.partial(self.ledger.share, self.key)
+        plan, least = plan_saved(fwd, bwd, n, self.config, real, share)
         packed = {a.node for a in plan.assignments if a.codec != RECOMPUTE}
         # masks backward would recompute from a packed value: computed exactly in forward instead
         if packed and save_branch_masks_(fwd, bwd, n, packed, _fake_mode_of(fwd)):
-            plan = plan_saved(fwd, bwd, n, self.config, real)   # the saved values changed
+            plan, least = plan_saved(fwd, bwd, n, self.config, real, share)   # the saved values changed
+        self.ledger.record(self.key, baseline=plan.baseline_bytes, planned=plan.planned_bytes, least=least)
         self.packed.append(compress_saved_(fwd, bwd, n, plan, _fake_mode_of(fwd)))
         self.plans.append(plan)
         return fwd, bwd
@@ -88,6 +170,7 @@ class ActCompileBackend:
         self.config = make_config(budget, codecs, **options)
         self.plans: list[Plan] = []
         self.packed: list[list] = []
+        self.forward_budget = ForwardBudget(self.config.budget)
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs, **_):
         from torch._inductor.compile_fx import compile_fx
@@ -95,12 +178,37 @@ class ActCompileBackend:
         real = [x for x in example_inputs]
         if any(isinstance(x, torch._subclasses.fake_tensor.FakeTensor) for x in real):
             real = None
-        partitioner = SavedValuePartitioner(self.config, real, self.plans, self.packed)
+        compile_id = torch._guards.CompileContext.current_compile_id()
+        key = str(compile_id.frame_id) if compile_id is not None else str(len(self.plans))
+        partitioner = SavedValuePartitioner(self.config, real, self.plans, self.packed, self.forward_budget, key)
         # The plan depends on the real values, not only on the graph: no cached artifact may
         # stand in for it (Inductor's FX graph cache and AOTAutograd's cache both key on the graph).
         with torch._functorch.config.patch(enable_autograd_cache=False):
-            return compile_fx(gm, example_inputs, config_patches={
+            compiled = compile_fx(gm, example_inputs, config_patches={
                 "custom_partitioner_fn": partitioner, "fx_graph_cache": False, "fx_graph_remote_cache": False})
+        if not self.forward_budget.overshoot_bytes:
+            return compiled
+        return _checked_in_backward(compiled, self.forward_budget)
+
+
+def _checked_in_backward(compiled, forward_budget: ForwardBudget):
+    """``compiled`` whose outputs check, when backward reaches them, that a later graph paid the
+    bytes this one's plan is over the budget (the forward has ended by then; nothing else is
+    charged for a graph that met its share)."""
+
+    def check(grad):
+        forward_budget.check()
+        return grad
+
+    @functools.wraps(compiled)   # keeps its calling convention (``_boxed_call``) for Dynamo
+    def run(*args):
+        outputs = compiled(*args)
+        first = next((o for o in outputs if isinstance(o, torch.Tensor) and o.requires_grad), None)
+        if first is not None and forward_budget.overshoot_bytes:
+            first.register_hook(check)
+        return outputs
+
+    return run
 
 
 def backend(budget, codecs=None, **options) -> ActCompileBackend:

@@ -36,9 +36,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from actcompile.codecs import get_codec
 from actcompile.codecs.base import packed_bytes, relative_error
-from actcompile.config import CompileConfig
+from actcompile.config import Budget, CompileConfig
 from actcompile.plan import RECOMPUTE, MemoryProfile, Plan, SavedTensor, TensorKind, Use
-from actcompile.passes.policy import choose_plans
+from actcompile.passes.policy import choose_plans, smallest_plan_bytes
 from actcompile.passes.rules import codec_choices, split_candidates
 
 aten = torch.ops.aten
@@ -175,8 +175,21 @@ def _nominal_error(codec) -> float:
     return _NOMINAL.get(codec.name, 0.0 if codec.name == "mask" else 1.0)
 
 
-def plan_saved(fwd, bwd, num_fwd_outputs: int, config: CompileConfig, real_inputs=None) -> Plan:
-    """The plan for one compiled graph's saved values under ``config``'s budget."""
+def plan_saved(fwd, bwd, num_fwd_outputs: int, config: CompileConfig, real_inputs,
+               share: Callable[[int], int]) -> tuple[Plan, int]:
+    """The plan for one compiled graph's saved values, keeping at most ``share(baseline_bytes)``
+    bytes (its part of the budget the forward's graphs share, see
+    :class:`~actcompile.compile_backend.ForwardBudget`), and the least bytes any plan of it keeps.
+    A graph that cannot be brought to its share is planned to that least.
+    """
+    profile, config, calibration = _planning_problem(fwd, bwd, num_fwd_outputs, config, real_inputs)
+    least = smallest_plan_bytes(profile, config, calibration)
+    allowed = max(1, share(profile.baseline_bytes), least)
+    config = dataclasses.replace(config, budget=Budget(bytes=allowed))
+    return choose_plans([profile], config, [calibration])[0], least
+
+
+def _planning_problem(fwd, bwd, num_fwd_outputs: int, config: CompileConfig, real_inputs):
     profile = profile_saved(fwd, bwd, num_fwd_outputs)
     candidates, _ = split_candidates(profile, config)
     orders = storage_orders(fwd)
@@ -184,8 +197,7 @@ def plan_saved(fwd, bwd, num_fwd_outputs: int, config: CompileConfig, real_input
                              for codec in codec_choices(t, config)] for t in candidates}
     choices = {k: v for k, v in choices.items() if v}
     calibration = calibrate_saved(fwd, num_fwd_outputs, real_inputs, choices)
-    config = _no_recompute(config)
-    return choose_plans([profile], config, [calibration])[0]
+    return profile, _no_recompute(config), calibration
 
 
 def _storage_shape(shape: tuple[int, ...], order: tuple[int, ...] | None) -> tuple[int, ...]:

@@ -41,7 +41,7 @@ from actcompile.errors import BudgetError
 from actcompile.plan import (RECOMPUTE, Assignment, MemoryProfile, Plan, Region, SavedTensor, Skip, SkipReason,
                              format_bytes)
 from actcompile.passes.rules import exact_for_use, recompute_candidates, split_candidates
-from actcompile.passes.solvers import Option, choose_options
+from actcompile.passes.solvers import Option, choose_options, smallest_total
 
 Key = tuple[str, int]
 
@@ -140,6 +140,12 @@ class _GraphProblem:
                                           options=(), epsilon=None, bytes_before=r.bytes_before,
                                           bytes_after=r.bytes_after, error=0.0))
         return assignments, skips
+
+
+def smallest_plan_bytes(profile: MemoryProfile, config: CompileConfig, calibration: dict) -> int:
+    """The least activation bytes any plan of this graph keeps (every tensor at its smallest option)."""
+    problem = _GraphProblem.build(profile, config, calibration)
+    return problem.fixed + problem.reserve + smallest_total(problem.items)
 
 
 def choose_plans(profiles: list[MemoryProfile], config: CompileConfig, calibrations: list[dict], *,

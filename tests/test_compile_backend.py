@@ -104,6 +104,72 @@ def test_recompiles_replan(batch):
     assert be.plans[0].baseline_bytes > be.plans[1].baseline_bytes
 
 
+class BreakThenTail(nn.Module):
+    """The MLP, a graph break, then a tail graph saving bytes no codec touches: a loss (its
+    labels and softmax statistics, under the size floor) or a 1 MiB int64 gather index."""
+
+    def __init__(self, tail: str):
+        super().__init__()
+        self.body, self.tail = mlp(), tail
+
+    def forward(self, x, labels):
+        h = self.body(x)
+        torch._dynamo.graph_break()
+        if self.tail == "loss":
+            return F.cross_entropy(h, labels)
+        index = (labels[:, None] + torch.arange(2 * WIDTH)) % 10
+        return h.gather(1, index).square().mean()
+
+
+def saved_activation_bytes(run, held) -> int:
+    """Bytes of the distinct storages autograd saves while ``run()`` runs, less those of ``held``
+    (parameters, the caller's inputs): counted as the compiled forward hands them to autograd."""
+    held = {t.untyped_storage().data_ptr() for t in held}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in held:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(seen.values())
+
+
+def test_graphs_after_a_break_share_one_budget():
+    """A loss graph after a graph break cannot be brought to 1/4 of its own few KiB; the
+    forward's budget is shared, so the first graph's slack pays for it and the step runs."""
+    g = torch.Generator().manual_seed(2)
+    x, labels = torch.randn(512, WIDTH, generator=g), torch.randint(0, 10, (512,), generator=g)
+    model = BreakThenTail("loss")
+    be = actcompile.backend(budget=0.25)
+    compiled = torch.compile(model, backend=be)
+    compiled(x, labels).backward()
+    body, loss = be.plans
+    assert body.assignments and not loss.assignments
+    assert loss.planned_bytes > loss.baseline_bytes // 4, "the tail keeps more than its own quarter"
+    assert body.planned_bytes + loss.planned_bytes <= (body.baseline_bytes + loss.baseline_bytes) // 4
+    measured = saved_activation_bytes(lambda: compiled(x, labels), [*model.parameters(), x, labels])
+    assert measured <= be.forward_budget.budget_bytes, f"{measured} B saved, budget {be.forward_budget.budget_bytes} B"
+    assert measured < saved_activation_bytes(lambda: model(x, labels), [*model.parameters(), x, labels]) / 3
+
+
+def test_a_budget_no_graph_can_pay_fails_at_the_first_backward():
+    """The gather's 1 MiB int64 index is kept whole: the forward cannot meet 1/4, and backward
+    says so with the least bytes it can keep (the forward has ended by then; it cannot know earlier)."""
+    from actcompile.errors import BudgetError
+
+    g = torch.Generator().manual_seed(2)
+    x, labels = torch.randn(512, WIDTH, generator=g), torch.randint(0, 10, (512,), generator=g)
+    be = actcompile.backend(budget=0.25)
+    loss = torch.compile(BreakThenTail("gather"), backend=be)(x, labels)
+    with pytest.raises(BudgetError, match=r"over the budget.*graph 1 keeps 2.0 MiB of 2.0 MiB") as error:
+        loss.backward()
+    assert error.value.smallest_bytes == sum(g.least for g in be.forward_budget.graphs.values()) > 2 * 2**20
+
+
 def test_compiling_a_wrapped_module_runs_the_eager_back_end(batch):
     """torch.compile(actcompile(model)) must not silently compress nothing."""
     x, labels = batch
