@@ -218,8 +218,22 @@ def backend(budget, codecs=None, **options) -> ActCompileBackend:
 
 def registered_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, **_):
     """What ``backend="actcompile"`` runs (the ``torch_dynamo_backends`` entry point)."""
+    # One backend per torch.compile call, so the graphs of its forward share one budget: Dynamo
+    # passes that call's own options dict with every graph (held here so its id stays unique).
+    known = _REGISTERED.get(id(options))
+    if known is not None and known[0] is options:
+        return known[1](gm, example_inputs)
+    backend_for_call = _registered_for(options)
+    _REGISTERED[id(options)] = (options, backend_for_call)
+    return backend_for_call(gm, example_inputs)
+
+
+_REGISTERED: dict[int, tuple[dict, ActCompileBackend]] = {}
+
+
+def _registered_for(options: dict | None) -> ActCompileBackend:
     options = dict(options or {})
     if "budget" not in options:
         raise TypeError("torch.compile(backend='actcompile') needs options={'budget': ...}: a size such as "
                         "'2GB', an int of bytes, or a float in (0, 1] of the bytes Inductor would save")
-    return ActCompileBackend(options.pop("budget"), options.pop("codecs", None), **options)(gm, example_inputs)
+    return ActCompileBackend(options.pop("budget"), options.pop("codecs", None), **options)

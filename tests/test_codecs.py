@@ -310,6 +310,43 @@ def test_property_error_and_size(shape, dtype, name, epsilon, scale, seed):
         assert relative_error(x, y) <= bound(name, epsilon, dtype)
 
 
+@pytest.mark.parametrize("shape", [(4, 6, 5, 7), (3, 40), (200, 3, 2), (2, 0, 3), (5,)])
+def test_hosvd_mode_products_and_spectra_match_the_unfolding_definitions(shape):
+    """The batched mode Gram matrices and mode products (no moved-dim copies) give what the
+    unfolding X_(k) gives: its Gram matrix's spectrum, and U · X_(k) folded back."""
+    from actcompile.codecs.lowrank import _mode_product, _mode_spectrum
+
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    for mode in range(x.dim()):
+        unfolded = x.movedim(mode, 0).reshape(shape[mode], math.prod(shape[:mode] + shape[mode + 1:]))
+        values, vectors = _mode_spectrum(x, mode)
+        reference = torch.linalg.eigvalsh((unfolded @ unfolded.T).double()).flip(0).clamp(min=0)
+        assert torch.allclose(values[:len(reference)], reference[:len(values)], rtol=1e-5, atol=1e-6)
+        if x.numel():   # the vectors span the unfolding's columns: projecting keeps all its energy
+            projected = vectors.T.float() @ unfolded
+            assert torch.allclose(projected.square().sum(), unfolded.square().sum(), rtol=1e-4)
+        matrix = torch.randn(3, shape[mode])
+        expected = (matrix @ unfolded).reshape(3, *[s for i, s in enumerate(shape) if i != mode]).movedim(0, mode)
+        assert torch.allclose(_mode_product(x, matrix, mode), expected, atol=1e-5)
+
+
+def test_dct_stores_a_tensor_as_it_is_where_epsilon_needs_nearly_every_coefficient():
+    """White noise needs ~all coefficients at ε 0.05: the DCT would save at most 1/8 of the bytes
+    at many times a copy's cost; the tensor is kept exactly instead. At ε 0.5 (3/4 of the energy) it transforms."""
+    from actcompile.codecs.transform import RAW_ABOVE
+
+    x = torch.randn(4, 8, 32, 32, generator=torch.Generator().manual_seed(0))
+    packed = get_codec("dct", epsilon=0.05).pack(x)
+    assert packed[-1] is None and packed_bytes(packed) == x.nbytes
+    y = get_codec("dct", epsilon=0.05).unpack(packed)
+    assert torch.equal(y, x) and y.data_ptr() != x.data_ptr()
+    coarse = get_codec("dct", epsilon=0.5).pack(x)
+    assert coarse[-1] is not None and coarse[-1] < RAW_ABOVE * 256 and packed_bytes(coarse) <= 0.8 * x.nbytes
+    capped = get_codec("dct", epsilon=0.05, max_bytes=x.nbytes // 2).pack(x)   # raw does not fit the cap
+    assert capped[-1] is not None and packed_bytes(capped) <= x.nbytes // 2
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 37, 50), (4, 5, 40), (3, 2, 9, 20, 18)])
 def test_dct_lowfreq_keeps_the_first_zigzag_coefficients_of_each_block(shape):
     """The grid transform (one matmul per axis where the blocks lie, only the kept box of
@@ -328,6 +365,9 @@ def test_dct_lowfreq_keeps_the_first_zigzag_coefficients_of_each_block(shape):
         codec = get_codec("dct", epsilon=eps)
         packed = codec.pack(x)
         m = packed[-1]
+        if m is None:   # ε needs nearly every coefficient: stored as it is
+            assert eps == 0.01 and torch.equal(packed[0], x) and torch.equal(codec.unpack(packed), x)
+            continue
         kept = reference[:, :m].double().square().sum()
         total = x.double().square().sum()
         assert ((total - kept) / total).sqrt() <= eps, f"ε={eps}: the {m} coefficients kept drop too much"

@@ -352,3 +352,17 @@ def test_packs_read_inductors_channels_last_storage_in_order():
     assert all(dict(a.options)["group_size"] == 64 for a in packed_4d), [a.options for a in packed_4d]
     cos = F.cosine_similarity(got, reference, dim=0).item()
     assert cos > 0.999, f"gradient cosine {cos:.5f}"
+
+
+def test_backend_by_name_shares_one_budget_across_graph_breaks():
+    """backend="actcompile" is called once per graph; the graphs of one torch.compile call still
+    share one ledger, so a loss graph after a break is paid by the body's slack."""
+    from actcompile.compile_backend import _REGISTERED
+
+    g = torch.Generator().manual_seed(2)
+    x, labels = torch.randn(512, WIDTH, generator=g), torch.randint(0, 10, (512,), generator=g)
+    options = {"budget": 0.25}
+    torch.compile(BreakThenTail("loss"), backend="actcompile", options=options)(x, labels).backward()
+    backend = _REGISTERED[id(options)][1]
+    assert len(backend.plans) == 2 and len(backend.forward_budget.graphs) == 2
+    assert backend.forward_budget.overshoot_bytes == 0
