@@ -366,3 +366,45 @@ def test_backend_by_name_shares_one_budget_across_graph_breaks():
     backend = _REGISTERED[id(options)][1]
     assert len(backend.plans) == 2 and len(backend.forward_budget.graphs) == 2
     assert backend.forward_budget.overshoot_bytes == 0
+
+
+def _saved_storages(step):
+    """``{storage pointer: bytes}`` of every tensor autograd saves while ``step()`` runs the forward
+    (the compiled forward's saved values go through ``ctx.save_for_backward``, so the hooks see them)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = step()
+    return seen, out
+
+
+def test_a_conv_net_holds_no_more_than_its_plan_under_compile():
+    """Inductor copies saved 4-D inputs (conv weights, the image) to channels-last and holds the
+    copies until backward; saved as 1-D views they are the inputs' own storages, so what the
+    compiled forward holds beyond parameters and inputs is what the plan says, within the budget."""
+    torch.manual_seed(0)
+    model = conv_net(64, nn.ReLU)
+    x, labels = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    reference = grads_of(copy_of(model), x, labels)[1]
+    for budget in (1.0, 0.25):
+        torch._dynamo.reset()
+        trained = copy_of(model)
+        be = actcompile.backend(budget=budget)
+        compiled = torch.compile(trained, backend=be)
+        grads_of(compiled, x, labels)   # compile outside the hooks
+        held_anyway = {t.untyped_storage().data_ptr() for t in [x, *trained.parameters(), *trained.buffers()]}
+        seen, out = _saved_storages(lambda: compiled(x))
+        (plan,) = be.plans
+        weights = {p.untyped_storage().data_ptr() for p in trained.parameters() if p.dim() == 4}
+        assert weights <= set(seen), "a conv weight was saved as a copy, not as itself"
+        held = sum(nbytes for ptr, nbytes in seen.items() if ptr not in held_anyway)
+        assert held <= plan.planned_bytes <= plan.budget_bytes, (budget, held, plan.planned_bytes, plan.budget_bytes)
+        F.cross_entropy(out, labels).backward()
+        trained.zero_grad(set_to_none=True)
+        got = grads_of(compiled, x, labels)[1]
+        cos = F.cosine_similarity(got, reference, dim=0).item()
+        assert cos > (0.99999 if budget == 1.0 else 0.999), f"budget {budget}: gradient cosine {cos:.6f}"
