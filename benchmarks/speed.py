@@ -93,7 +93,8 @@ def blocks(model) -> list[torch.nn.Module]:
 
 
 class Checkpointed(torch.nn.Module):
-    """``model`` with its trunk run through ``checkpoint_sequential`` in ``segments`` segments."""
+    """``model`` with its trunk run through ``checkpoint_sequential`` in ``segments`` segments
+    (at most one per block: 8 segments of a 6-block ViT are its 6 blocks, each its own segment)."""
 
     def __init__(self, model, segments: int):
         super().__init__()
@@ -107,9 +108,11 @@ class Checkpointed(torch.nn.Module):
         if isinstance(m, torchvision.models.VisionTransformer):
             h = m._process_input(x)
             h = torch.cat([m.class_token.expand(h.shape[0], -1, -1), h], dim=1) + m.encoder.pos_embedding
-            h = checkpoint_sequential(m.encoder.layers, self.segments, h, use_reentrant=False)
+            h = checkpoint_sequential(m.encoder.layers, min(self.segments, len(m.encoder.layers)), h,
+                                      use_reentrant=False)
             return m.heads(m.encoder.ln(h)[:, 0])
-        h = checkpoint_sequential(blocks(m), self.segments, x, use_reentrant=False)
+        trunk = blocks(m)
+        h = checkpoint_sequential(trunk, min(self.segments, len(trunk)), x, use_reentrant=False)
         if isinstance(m, torchvision.models.ResNet):
             return m.fc(torch.flatten(m.avgpool(h), 1))
         if isinstance(m, torchvision.models.ConvNeXt):
