@@ -53,6 +53,7 @@ from actcompile.passes.emit import CompressedGraphModule, emit_regions
 from actcompile.passes.memory import profile_memory
 from actcompile.passes.policy import choose_plans
 from actcompile.passes.rules import codec_choices, split_candidates
+from actcompile.passes.sensitivity import gradient_shares
 from actcompile.plan import ModelPlan, Plan, Section
 from actcompile.runtime import RuntimeStats, inside_checkpoint, preserved_state, sharing_packed
 
@@ -78,12 +79,15 @@ def make_config(budget, codecs=None, **options) -> CompileConfig:
 
 
 def _calibrated(graph: CapturedGraph, config: CompileConfig):
-    """``(profile, calibration)`` of one captured graph: what it saves, and each codec's error on it."""
+    """``(profile, calibration, shares)`` of one captured graph: what it saves, each codec's error
+    on it, and (with ``error_weighting="gradient"``) each saved tensor's gradient share."""
     profile = profile_memory(graph)
     candidates, _ = split_candidates(profile, config)
     choices = {(t.node, t.ordinal): codec_choices(t, config) for t in candidates}
     expected = {(t.node, t.ordinal): (t.shape, t.dtype) for t in candidates}
-    return profile, calibrate(graph, {k: v for k, v in choices.items() if v}, expected)
+    calibration = calibrate(graph, {k: v for k, v in choices.items() if v}, expected)
+    shares = gradient_shares(graph) if config.error_weighting == "gradient" and candidates else None
+    return profile, calibration, shares
 
 
 def explain(model: nn.Module, example_inputs, budget, codecs=None, **options) -> ModelPlan:
@@ -190,8 +194,8 @@ class ActCompiledModule(nn.Module):
             fixed = sum(self._graphs[g.runner].plan.planned_bytes for g in graphs if g.runner in self._graphs)
             with preserved_state(self._original):
                 measured = [_calibrated(g, self.compile_config) for g in new]
-            plans = choose_plans([p for p, _ in measured], self.compile_config, [c for _, c in measured],
-                                 fixed_bytes=fixed, repeats=repeats)
+            plans = choose_plans([p for p, _, _ in measured], self.compile_config, [c for _, c, _ in measured],
+                                 fixed_bytes=fixed, repeats=repeats, shares=[s for _, _, s in measured])
             for g, p in zip(new, plans):
                 self._graphs[g.runner] = self._state(g.gm, p)
             baseline = fixed + sum(p.baseline_bytes * r for p, r in zip(plans, repeats))
@@ -243,8 +247,8 @@ class ActCompiledModule(nn.Module):
         graph = CapturedGraph(runner, flat_inputs, input_kinds(runner, flat_inputs, self._original, args, kwargs))
         ratio = min(1.0, self._ratio if self._ratio is not None else 1.0)
         config = dataclasses.replace(self.compile_config, budget=Budget(fraction=max(ratio, 1e-9)))
-        profile, calibration = _calibrated(graph, config)
-        (plan,) = choose_plans([profile], config, [calibration])
+        profile, calibration, shares = _calibrated(graph, config)
+        (plan,) = choose_plans([profile], config, [calibration], shares=[shares])
         state = self._state(runner.gm, plan)
         self._graphs[runner] = state
         return state

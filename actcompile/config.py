@@ -93,11 +93,16 @@ def default_codecs(everything: bool = False) -> tuple:
     """The registered codecs the policy tries when none are named: those whose class says
     ``default_enabled = True`` (the cheap quantizers and the mask), or all but ``none`` and
     ``random`` with ``everything=True`` (``codecs="all"``): calibrating transform codecs costs a
-    transform per ε per saved tensor, so they are opt-in."""
+    transform per ε per saved tensor, so they are opt-in. The lossless integer codecs
+    (:mod:`actcompile.codecs.integer`) are not in either set: ``narrow_integers`` offers them."""
     from actcompile.codecs import available_codecs, get_codec
 
     codecs = [get_codec(name) for name in available_codecs() if name not in ("none", "random")]
+    codecs = [c for c in codecs if not getattr(c, "lossless_integer", False)]   # always offered, see narrow_integers
     return tuple(c for c in codecs if everything or getattr(c, "default_enabled", False))
+
+
+ERROR_WEIGHTINGS = ("tensor", "bytes", "gradient")
 
 
 def _compile_codecs_default() -> bool:
@@ -117,7 +122,10 @@ class CompileConfig:
     (measured 500-900 B on torch 2.14, CPU, over 10 models) and ``reserve_bytes_per_packed`` per
     tensor the plan may pack (the packed value's tensor objects). ``compile_codecs`` runs codec
     pack/unpack as Inductor kernels compiled per shape (:mod:`actcompile.codecs.kernels`; the
-    first step with a new shape compiles them), else as eager torch ops.
+    first step with a new shape compiles them), else as eager torch ops. ``narrow_integers``
+    offers the lossless integer codecs (:mod:`actcompile.codecs.integer`: bool as bits, max-pool
+    indices as window offsets, integers in a narrower dtype) to integer and bool saves, whatever
+    ``codecs`` names: they lose nothing, and are kept only where measured exact.
     """
 
     budget: Budget
@@ -128,6 +136,7 @@ class CompileConfig:
     reserve_bytes_per_packed: int = 256
     error_weighting: str = "tensor"
     recompute: bool = True
+    narrow_integers: bool = True
     compile_codecs: bool = dataclasses.field(default_factory=_compile_codecs_default)
 
     def __post_init__(self):
@@ -142,8 +151,9 @@ class CompileConfig:
                 raise ValueError(f"CompileConfig.epsilons contains {eps!r}: each epsilon must be in (0, 1)")
         if self.min_tensor_bytes < 0:
             raise ValueError(f"CompileConfig.min_tensor_bytes={self.min_tensor_bytes}: must be >= 0")
-        if self.error_weighting not in ("tensor", "bytes"):
-            raise ValueError(f"CompileConfig.error_weighting={self.error_weighting!r}: accepted are 'tensor', 'bytes'")
+        if self.error_weighting not in ERROR_WEIGHTINGS:
+            raise ValueError(f"CompileConfig.error_weighting={self.error_weighting!r}: accepted are "
+                             f"{', '.join(map(repr, ERROR_WEIGHTINGS))}")
         for name in ("reserve_bytes_per_node", "reserve_bytes_per_packed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"CompileConfig.{name}={getattr(self, name)}: must be >= 0")

@@ -33,3 +33,8 @@ class CodecError(ActCompileError, ValueError):
 
 class InputMismatchError(ActCompileError, TypeError):
     """The example inputs do not match the model's forward signature."""
+
+
+class PlanDriftWarning(UserWarning):
+    """What a plan assumed about the saved tensors no longer holds (a value range, a byte count):
+    the tensor is kept exactly, but the plan's bytes are no longer what the heap holds."""

@@ -124,7 +124,7 @@ def measure_model(name: str, budget, *, steps_for_time: int = 3) -> dict:
             forward_backward(m, inputs)
         return (time.perf_counter() - start) / steps_for_time
 
-    t_ref, t_cmp = step_time(model), step_time(compiled)
+    t_ref, t_cmp = (step_time(model), step_time(compiled)) if steps_for_time else (math.nan, math.nan)
     plan = compiled.plan
     return dict(model=name, predicted_bytes=predicted, measured_bytes=measured,
                 budget_bytes=plan.budget_bytes, planned_bytes=plan.planned_bytes,
@@ -140,10 +140,12 @@ class MeasureError(RuntimeError):
         self.stderr = stderr
 
 
-def run_isolated(name: str, budget, timeout: float = 600) -> dict:
-    """:func:`measure_model` in a fresh process with ``MALLOC_ARENA_MAX=1`` (see the module doc)."""
+def run_isolated(name: str, budget, timeout: float = 600, *, timed: bool = True) -> dict:
+    """:func:`measure_model` in a fresh process with ``MALLOC_ARENA_MAX=1`` (see the module doc);
+    ``timed=False`` skips the step timing (``step_time_ratio`` is then NaN)."""
     env = dict(os.environ, MALLOC_ARENA_MAX="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    proc = subprocess.run([sys.executable, "-m", "actcompile.measure", name, "--budget", str(budget)],
+    extra = [] if timed else ["--steps-for-time", "0"]
+    proc = subprocess.run([sys.executable, "-m", "actcompile.measure", name, "--budget", str(budget), *extra],
                           capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
         raise MeasureError(f"measuring {name} failed:\n{proc.stderr[-4000:]}", proc.stderr)
@@ -154,12 +156,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m actcompile.measure", description=__doc__.splitlines()[0])
     parser.add_argument("model")
     parser.add_argument("--budget", default="0.25", help="a budget string, or a float fraction of baseline")
+    parser.add_argument("--steps-for-time", type=int, default=3, help="steps timed per model (0: no timing)")
     ns = parser.parse_args(argv)
     try:
         budget = float(ns.budget)
     except ValueError:
         budget = ns.budget
-    print(json.dumps(measure_model(ns.model, budget)))
+    print(json.dumps(measure_model(ns.model, budget, steps_for_time=ns.steps_for_time)))
 
 
 if __name__ == "__main__":

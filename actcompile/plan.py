@@ -185,6 +185,8 @@ class Assignment:
     error: float   # measured relative L2 error on the calibration batch
     shape: tuple[int, ...] = ()   # of the saved tensor, checked at run time
     dtype: str = "float32"
+    gradient_share: float | None = None   # share of the parameter gradient its error reaches
+                                          # (passes/sensitivity.py); None where not probed
 
     def __post_init__(self):
         _require(self.bytes_before >= 0, "Assignment", "bytes_before", self.bytes_before, "must be >= 0")
@@ -250,6 +252,12 @@ class Plan:
         saved = sum(a.bytes_before - a.bytes_after for a in self.assignments)
         return self.baseline_bytes - saved
 
+    @property
+    def predicted_gradient_error(self) -> float | None:
+        """``√(Σ share·error²)`` over the codecs: the parameter gradient's predicted relative
+        error (first order; see :mod:`actcompile.passes.sensitivity`), or None if not probed."""
+        return predicted_gradient_error(self.assignments)
+
     # -- JSON -----------------------------------------------------------------------------
     def to_json(self) -> str:
         def encode(obj):
@@ -266,7 +274,8 @@ class Plan:
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
         def assignment(d):
-            d = dict(d, options=tuple(tuple(kv) for kv in d["options"]), shape=tuple(d["shape"]))
+            options = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in d["options"])   # JSON lists
+            d = dict(d, options=options, shape=tuple(d["shape"]))
             return Assignment(**d)
 
         regions = tuple(
@@ -307,10 +316,20 @@ def _table(rows: list[tuple[str, ...]], footer: str) -> str:
     return "\n".join(lines)
 
 
+def predicted_gradient_error(assignments) -> float | None:
+    """See :attr:`Plan.predicted_gradient_error`."""
+    lossy = [a for a in assignments if a.error > 0]
+    if any(a.gradient_share is None for a in lossy):
+        return None
+    return math.sqrt(sum(a.gradient_share * a.error ** 2 for a in lossy))
+
+
 def _footer(plan) -> str:
+    predicted = plan.predicted_gradient_error
     return (f"baseline {format_bytes(plan.baseline_bytes)} | planned {format_bytes(plan.planned_bytes)}"
             f" | budget {format_bytes(plan.budget_bytes)} | {len(plan.regions)} regions,"
-            f" {len(plan.skipped)} tensors left as they are")
+            f" {len(plan.skipped)} tensors left as they are"
+            + ("" if predicted is None else f" | predicted gradient error {predicted:.3g}"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,6 +382,12 @@ class ModelPlan:
     @property
     def skipped(self) -> tuple[Skip, ...]:
         return tuple(k for s in self.sections for k in s.plan.skipped)
+
+    @property
+    def predicted_gradient_error(self) -> float | None:
+        """As :attr:`Plan.predicted_gradient_error`, over every section (each graph's shares are
+        of the gradients its own probe reached)."""
+        return predicted_gradient_error(self.assignments)
 
     def section(self, graph: str) -> Plan:
         """The plan of the graph with compile id ``graph``."""

@@ -74,6 +74,26 @@ class InplaceCNN(nn.Module):
         return self.head(self.drop(x))
 
 
+class MNISTNet(nn.Module):
+    """The activation-compression research code's README network (PyTorch's MNIST example):
+    two convs, max-pool, dropout, two linears. Its int64 max-pool indices are 1/5 of what it saves."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = nn.Dropout(0.25)
+        self.dropout2 = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(9216, 128)
+        self.fc2 = nn.Linear(128, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        x = torch.flatten(self.dropout1(nn.functional.max_pool2d(x, 2)), 1)
+        x = self.dropout2(torch.relu(self.fc1(x)))
+        return nn.functional.log_softmax(self.fc2(x), dim=1)
+
+
 class BranchyNet(nn.Module):
     """Its forward branches on ``x.mean() > 0``: a model no tracer may specialize."""
 
@@ -151,6 +171,7 @@ REGISTRY = {
     "lstm": lambda: (LSTMTagger(), _tokens(4, 32, 500)),
     "inplace_cnn": lambda: (InplaceCNN(), _image(4, 32)),
     "branchy": lambda: (BranchyNet(), _image(4, 32).abs()),
+    "mnist_net": lambda: (MNISTNet(), torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))),
     "gpt2_small": _gpt2_small,
     # benchmark shapes (benchmarks/memory.py)
     "resnet18_b32": _torchvision("resnet18", 32, 64, num_classes=10),
@@ -159,7 +180,7 @@ REGISTRY = {
     "vit_small": _vit_small,
 }
 TRACE_SUITE = ("resnet18", "resnet50", "mobilenet_v2", "vit_b_16", "unet", "gpt2", "bert", "lstm",
-               "inplace_cnn", "branchy")
+               "inplace_cnn", "branchy", "mnist_net")
 
 
 def build(name: str, seed: int = 0):

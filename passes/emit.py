@@ -62,7 +62,7 @@ def compression_table(plan: Plan, compile_codecs: bool = False) -> dict:
         if a.codec == RECOMPUTE:
             continue
         codec = get_codec(a.codec, **dict(a.options), **({"epsilon": a.epsilon} if a.epsilon is not None else {}))
-        if compile_codecs:
+        if compile_codecs and getattr(codec, "traceable", True):   # narrow's range check reads data
             codec = CompiledCodec(codec)
         table[(a.node, a.ordinal)] = runtime.Planned(codec, tuple(a.shape), getattr(torch, a.dtype))
     return table

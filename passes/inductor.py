@@ -194,7 +194,8 @@ def _planning_problem(fwd, bwd, num_fwd_outputs: int, config: CompileConfig, rea
     candidates, _ = split_candidates(profile, config)
     orders = storage_orders(fwd)
     choices = {(t.node, 0): [_rows_as_groups(codec, _storage_shape(t.shape, orders.get(t.node)))
-                             for codec in codec_choices(t, config)] for t in candidates}
+                             for codec in codec_choices(t, config)
+                             if getattr(codec, "traceable", True)] for t in candidates}
     choices = {k: v for k, v in choices.items() if v}
     calibration = calibrate_saved(fwd, num_fwd_outputs, real_inputs, choices)
     return profile, _no_recompute(config), calibration

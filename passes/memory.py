@@ -50,6 +50,7 @@ class _SaveRecorder(torch.fx.Interpreter):
         self.node: str | None = None
         self.ordinal = 0
         self.saves = 0
+        self.keep = False   # keep the saved tensors (a probe backward runs), else only tokens
 
     def run_node(self, n):
         self.node, self.ordinal = n.name, 0
@@ -69,7 +70,9 @@ class _SaveRecorder(torch.fx.Interpreter):
         self.on_save(self.node, self.ordinal, t)
         self.ordinal += 1
         self.saves += 1
-        return index    # only a token is kept: the profile holds no activations
+        if self.keep:
+            return index, tuple(t.shape), t
+        return index, tuple(t.shape)   # only a token is kept: the profile holds no activations
 
 
 class SaveRecord(NamedTuple):
@@ -79,7 +82,7 @@ class SaveRecord(NamedTuple):
 
 
 def record_saves(gm: torch.fx.GraphModule, flat_inputs: list, on_save, *, fake: bool,
-                 input_kinds=None, on_node=None) -> SaveRecord:
+                 input_kinds=None, on_node=None, keep: bool = False) -> SaveRecord:
     """Run ``gm`` forward once with grad enabled, calling ``on_save(node, ordinal, tensor, kind)``
     at every save (and ``on_node(node, tensor arguments)`` before every node, if given).
 
@@ -89,9 +92,11 @@ def record_saves(gm: torch.fx.GraphModule, flat_inputs: list, on_save, *, fake: 
     Returns a :class:`SaveRecord`: ``{save index: Use}`` (the autograd node reading it) for the
     saves the outputs' autograd graph still holds at the end of the forward (see
     :func:`_saving_nodes`; other saves were released), the number of autograd nodes in that
-    graph, and the graph's output.
+    graph, and the graph's output. With ``keep`` (real tensors only) the saves stay alive, so
+    the output can be differentiated; reading a ``_saved_*`` attribute still records its token.
     """
     recorder = _SaveRecorder(gm, None, on_node)
+    recorder.keep = keep and not fake
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     state = dict(gm.named_parameters())   # tied weights once; functional_call re-ties the rest
     state.update(gm.named_buffers())
@@ -128,8 +133,12 @@ _unpacked = threading.local()
 
 
 def _token_unpack(token):
-    _unpacked.tokens.append(token)
-    return torch.empty(0)
+    tokens = getattr(_unpacked, "tokens", None)   # None in a backward on another thread: nothing to record
+    if tokens is not None:
+        tokens.append(token[0])
+    if len(token) == 3:   # kept (record_saves(keep=True)): backward can run
+        return token[2]
+    return torch.empty(token[1], device="meta")   # the shape, for formulas that need it (pool offsets)
 
 
 def _saving_nodes(out) -> tuple[dict[int, Use], int]:
@@ -156,8 +165,13 @@ def _saving_nodes(out) -> tuple[dict[int, Use], int]:
                     value = getattr(fn, attr)
                 except RuntimeError:   # already freed / not a tensor; nothing to attribute
                     continue
+                name = attr.removeprefix("_saved_")
                 if isinstance(value, (bool, int, float)):
-                    scalars.append((attr.removeprefix("_saved_"), value))
+                    scalars.append((name, value))
+                elif isinstance(value, (tuple, list)) and all(type(v) is int for v in value):
+                    scalars.append((name, tuple(value)))          # kernel_size, stride, ...
+                elif isinstance(value, torch.Tensor):
+                    scalars.append((name + "_shape", tuple(value.shape)))   # pool offsets need the input's
         use = Use(type(fn).__name__, tuple(scalars))
         for token in _unpacked.tokens:
             if isinstance(token, int):

@@ -35,6 +35,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
+import torch
+
 from actcompile.codecs.base import codec_options
 from actcompile.config import CompileConfig
 from actcompile.errors import BudgetError
@@ -49,7 +51,10 @@ Key = tuple[str, int]
 def _options(t: SavedTensor, measured: list[tuple[object, float, int]]) -> list[tuple[object, float, int]]:
     """``(codec, error, bytes)`` choices for ``t``; the first is 'keep as is'."""
     out = [(None, 0.0, t.nbytes)]
+    exact_only = not getattr(torch, t.dtype).is_floating_point   # integers and bools: never lossy
     for codec, error, nbytes in measured:
+        if exact_only and error != 0.0:
+            continue
         if hasattr(codec, "exact_for"):
             if exact_for_use(codec, t.uses):
                 error = 0.0           # exact for the only use backward makes of it
@@ -61,8 +66,13 @@ def _options(t: SavedTensor, measured: list[tuple[object, float, int]]) -> list[
     return out
 
 
-def _weight(t: SavedTensor, config: CompileConfig) -> float:
-    return float(t.nbytes) if config.error_weighting == "bytes" else 1.0
+def _weight(t: SavedTensor, config: CompileConfig, shares: dict | None) -> float:
+    if config.error_weighting == "bytes":
+        return float(t.nbytes)
+    if config.error_weighting == "gradient" and shares:
+        # a tensor the probe did not reach is weighed as the most sensitive one (never free)
+        return shares.get((t.node, t.ordinal), max(shares.values())) + 1e-6
+    return 1.0
 
 
 def choose_plan(profile: MemoryProfile, config: CompileConfig,
@@ -84,10 +94,11 @@ class _GraphProblem:
     fixed: int
     reserve: int
     items: list[list[Option]]   # one knapsack item per candidate tensor, then per recompute candidate
+    shares: dict                # (node, ordinal) -> gradient share (passes/sensitivity.py), if probed
 
     @classmethod
     def build(cls, profile: MemoryProfile, config: CompileConfig, calibration: dict,
-              repeats: int = 1) -> "_GraphProblem":
+              repeats: int = 1, shares: dict | None = None) -> "_GraphProblem":
         """``repeats``: how often the forward runs this graph (one block's code, called per block);
         its plan applies to every call, so its bytes count that many times."""
         candidates, skips = split_candidates(profile, config)
@@ -102,10 +113,11 @@ class _GraphProblem:
                            - sum(r.bytes_before for r in recomputes))
         reserve = repeats * (config.reserve_bytes_per_node * profile.autograd_nodes
                              + config.reserve_bytes_per_packed * len(candidates))
-        items = ([[Option(repeats * nbytes, repeats * _weight(t, config) * error**2) for _, error, nbytes in opts]
+        items = ([[Option(repeats * nbytes, repeats * _weight(t, config, shares) * error**2) for _, error, nbytes in opts]
                   for t, opts in zip(candidates, per_tensor)]
                  + [[Option(repeats * r.bytes_before, 0.0), Option(repeats * r.bytes_after, 0.0)] for r in recomputes])
-        return cls(profile, candidates, skips, per_tensor, recomputes, inside_skips, fixed, reserve, items)
+        return cls(profile, candidates, skips, per_tensor, recomputes, inside_skips, fixed, reserve, items,
+                   dict(shares or {}))
 
     def decode(self, chosen: list[int]) -> tuple[list[Assignment], list[Skip]]:
         """The assignments and skips of ``chosen`` (one option index per item of :attr:`items`)."""
@@ -128,7 +140,8 @@ class _GraphProblem:
             assignments.append(Assignment(node=t.node, ordinal=t.ordinal, codec=codec.name,
                                           options=codec_options(codec), epsilon=codec.epsilon,
                                           bytes_before=t.nbytes, bytes_after=nbytes, error=error,
-                                          shape=t.shape, dtype=t.dtype))
+                                          shape=t.shape, dtype=t.dtype,
+                                          gradient_share=self.shares.get((t.node, t.ordinal))))
         for r, pick in zip(self.recomputes, chosen[n:]):
             if pick == 0:
                 skips += [s for s in self.inside_skips if s.node == r.node]
@@ -149,7 +162,8 @@ def smallest_plan_bytes(profile: MemoryProfile, config: CompileConfig, calibrati
 
 
 def choose_plans(profiles: list[MemoryProfile], config: CompileConfig, calibrations: list[dict], *,
-                 fixed_bytes: int = 0, repeats: list[int] | None = None) -> list[Plan]:
+                 fixed_bytes: int = 0, repeats: list[int] | None = None,
+                 shares: list[dict] | None = None) -> list[Plan]:
     """One plan per graph of a forward, chosen jointly: all graphs share ``config.budget``.
 
     A forward split by graph breaks runs several graphs; one knapsack over all their saved
@@ -158,6 +172,8 @@ def choose_plans(profiles: list[MemoryProfile], config: CompileConfig, calibrati
     they count against the budget and cannot be compressed here. Each plan's ``budget_bytes``
     is its share: its planned bytes plus the slack left under the budget, split by baseline.
     ``repeats[i]`` is how often the forward runs graph ``i`` (default once each).
+    ``shares[i]`` are graph ``i``'s gradient shares (:func:`~actcompile.passes.sensitivity.gradient_shares`):
+    with ``error_weighting="gradient"`` they weigh each tensor's error, and each assignment records its share.
     """
     repeats = list(repeats) if repeats is not None else [1] * len(profiles)
     baselines = [p.baseline_bytes for p in profiles]
@@ -166,7 +182,8 @@ def choose_plans(profiles: list[MemoryProfile], config: CompileConfig, calibrati
     if budget_bytes <= 0 < baseline:
         raise BudgetError(f"budget {config.budget} resolves to {budget_bytes} bytes; it must be at least 1 byte",
                           smallest_bytes=None)
-    problems = [_GraphProblem.build(p, config, c, r) for p, c, r in zip(profiles, calibrations, repeats)]
+    shares = list(shares) if shares is not None else [None] * len(profiles)
+    problems = [_GraphProblem.build(p, config, c, r, s) for p, c, r, s in zip(profiles, calibrations, repeats, shares)]
     if baseline <= max(budget_bytes, 0):   # already met (or nothing saved): every item keeps its bytes
         decoded = [problem.decode([0] * len(problem.items)) for problem in problems]
     else:

@@ -1,7 +1,11 @@
 """Which saved tensors may be compressed, and with which codecs: the never-compress rules.
 
 Never compressed: parameters, buffers, the model's inputs (the caller holds them anyway),
-integer and bool tensors, and tensors below the size floor. Each gets a :class:`~actcompile.plan.Skip` with its reason.
+and tensors below the size floor. Each gets a :class:`~actcompile.plan.Skip` with its reason.
+Integer and bool tensors are never stored lossily: they get only the lossless integer codecs
+(:func:`integer_codecs`: bool as bits, max-pool indices as window offsets, a narrower integer
+dtype), each kept by the policy only where measured exact; with none that applies, they are
+skipped as ``NOT_FLOAT``.
 
 A codec may have ``exact_for(uses)``: the variant of itself that is lossless for those backward
 uses even though it does not reproduce the values (``mask`` keeps only ``x > 0``, all ReLU's
@@ -54,6 +58,21 @@ def exact_for_use(codec, uses) -> bool:
     return exact_for(uses) == codec
 
 
+def integer_codecs(t: SavedTensor, config: CompileConfig) -> list:
+    """The lossless codecs that may store integer or bool ``t`` narrower (none if
+    ``config.narrow_integers`` is off). Pool offsets need the pooling's geometry, from ``t.uses``."""
+    from actcompile.codecs.integer import BitsCodec, NarrowCodec, PoolOffsetsCodec
+
+    spec = spec_of(t)
+    if not config.narrow_integers or spec.dtype.is_floating_point or spec.dtype.is_complex:
+        return []
+    choices = [BitsCodec()] + NarrowCodec.ladder(spec)
+    pool = PoolOffsetsCodec.for_uses(t.uses)
+    if pool is not None:
+        choices.insert(0, pool)
+    return [c for c in choices if c.supports(spec)]
+
+
 def recomputable(node: torch.fx.Node, held_inputs: frozenset[str] = frozenset()) -> bool:
     """Can ``node`` run again in backward with the same result and no side effect?
 
@@ -93,8 +112,8 @@ class RecomputeCandidate:
 
 
 def recompute_candidates(profile: MemoryProfile, config: CompileConfig) -> list[RecomputeCandidate]:
-    """Recomputable nodes holding ≥ ``min_tensor_bytes`` that no codec may touch (int64 max-pool
-    indices, oneDNN's uint8 LSTM workspace, bool dropout masks), where recomputing saves bytes."""
+    """Recomputable nodes holding ≥ ``min_tensor_bytes`` that no codec may touch (integers no
+    lossless codec narrows, such as oneDNN's uint8 LSTM workspace), where recomputing saves bytes."""
     savers: dict[int, set[str]] = {}
     for e in profile.events:
         savers.setdefault(e.storage, set()).add(e.node)
@@ -102,7 +121,8 @@ def recompute_candidates(profile: MemoryProfile, config: CompileConfig) -> list[
     out = []
     for node, args in profile.node_inputs:
         internal = tuple(t for t in profile.tensors if t.is_activation and savers[t.index] == {node})
-        stuck = sum(t.nbytes for t in internal if not getattr(torch, t.dtype).is_floating_point)
+        stuck = sum(t.nbytes for t in internal
+                    if not getattr(torch, t.dtype).is_floating_point and not integer_codecs(t, config))
         if stuck < max(config.min_tensor_bytes, 1):
             continue
         # Arguments are held raw for the recomputation (a lossy copy could change, say, which
@@ -127,7 +147,7 @@ def split_candidates(profile: MemoryProfile, config: CompileConfig) -> tuple[lis
     for t in profile.tensors:
         if t.kind in _KIND_REASON:
             skips.append(Skip(t.node, t.ordinal, _KIND_REASON[t.kind], t.kind.value, t.nbytes))
-        elif not getattr(torch, t.dtype).is_floating_point:
+        elif not getattr(torch, t.dtype).is_floating_point and not integer_codecs(t, config):
             skips.append(Skip(t.node, t.ordinal, SkipReason.NOT_FLOAT, t.dtype, t.nbytes))
         elif t.nbytes < config.min_tensor_bytes:
             skips.append(Skip(t.node, t.ordinal, SkipReason.TOO_SMALL,
@@ -151,9 +171,12 @@ def reads_sign(t: SavedTensor) -> bool:
 def codec_choices(t: SavedTensor, config: CompileConfig) -> list:
     """Every codec instance the policy may try on ``t`` (variable-rate ones at each ε of the ladder).
 
-    Tensors some ReLU-like backward branches on get only sign-exact codecs (or ``mask``).
+    Tensors some ReLU-like backward branches on get only sign-exact codecs (or ``mask``);
+    integer and bool tensors only the lossless integer codecs.
     """
     spec = spec_of(t)
+    if not spec.dtype.is_floating_point:
+        return integer_codecs(t, config)
     choices = []
     branching = reads_sign(t)
     for codec in config.codecs:

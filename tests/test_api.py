@@ -186,11 +186,14 @@ def test_impossible_budget_names_smallest_achievable():
 
 def test_never_compressed_tensors_get_skips_with_reasons():
     model, x = build("resnet18")
-    plan = explain(model, x, budget=0.25)
+    plan = explain(model, x, budget=0.25, narrow_integers=False)
     reasons = {s.reason.name for s in plan.skipped}
     assert {"PARAMETER", "BUFFER", "INPUT", "NOT_FLOAT", "TOO_SMALL"} <= reasons
     compressed = {(a.node, a.ordinal) for a in plan.assignments}
     assert not compressed & {(s.node, s.ordinal) for s in plan.skipped if s.reason.name != "NOT_NEEDED"}
+    # by default the max-pool's int64 indices are a candidate of the lossless integer codecs
+    narrowed = explain(model, x, budget=0.25)
+    assert "NOT_FLOAT" not in {s.reason.name for s in narrowed.skipped}
 
 
 def test_unknown_codec_and_bad_arguments():

@@ -21,7 +21,7 @@ from actcompile.codecs.bits import pack_bits, unpack_bits
 from actcompile.errors import CodecError
 from actcompile.plan import Use
 
-ALL = available_codecs()
+ALL = tuple(n for n in available_codecs() if not getattr(get_codec(n), "lossless_integer", False))   # float codecs
 VARIABLE = tuple(n for n in ALL if not get_codec(n).fixed_rate)
 FIXED = tuple(n for n in ALL if get_codec(n).fixed_rate)
 # Documented error of the fixed-rate codecs on Gaussian data (relative L2); None: not a value codec.

@@ -34,7 +34,7 @@ def calib(profile, errors):
 
     out = {}
     for t in profile.tensors:
-        choices = codec_choices(t, config(1.0))
+        choices = codec_choices(t, config(1.0, narrow_integers=False))   # integer codecs: test_integer_codecs
         out[(t.node, t.ordinal)] = [(c, errors[c.name], c.packed_nbytes(spec_of(t))) for c in choices]
     return out
 
@@ -101,7 +101,7 @@ def test_never_compressed_kinds_get_skips():
     profile = make_profile(tensor(0, "w", kind=TensorKind.PARAMETER), tensor(1, "b", kind=TensorKind.BUFFER),
                            tensor(2, "x", kind=TensorKind.INPUT), tensor(3, "i", dtype="int64"),
                            tensor(4, "tiny", nbytes=1024), tensor(5, "big"))
-    plan = choose_plan(profile, config("1.5MB"), calib(profile, ERRORS))
+    plan = choose_plan(profile, config("1.5MB", narrow_integers=False), calib(profile, ERRORS))
     reasons = {s.node: s.reason for s in plan.skipped}
     assert reasons == {"w": SkipReason.PARAMETER, "b": SkipReason.BUFFER, "x": SkipReason.INPUT,
                        "i": SkipReason.NOT_FLOAT, "tiny": SkipReason.TOO_SMALL}

@@ -1,0 +1,127 @@
+"""Gradient shares from one probe backward, and plans weighed by them."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import actcompile
+from actcompile.passes.capture import capture_graphs
+from actcompile.passes.memory import profile_memory
+from actcompile.passes.sensitivity import gradient_shares
+from actcompile.plan import Plan
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv1(x))
+        h = torch.tanh(self.conv2(h))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def probe_gradients(model, x, seed=0):
+    """The parameter gradients of the probe gradient_shares runs (same seed, same tangent)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        out = model(x)
+        tangent = torch.randn_like(out)
+    names = [n for n, _ in model.named_parameters()]
+    grads = torch.autograd.grad(out, list(model.parameters()), tangent)
+    return {n: float(g.double().pow(2).sum()) for n, g in zip(names, grads)}
+
+
+def saved_by(profile, op):
+    return [t for t in profile.tensors if t.is_activation and any(u.op == op for u in t.uses)]
+
+
+def test_a_conv_input_reaches_its_own_weight_and_an_elementwise_input_everything_upstream():
+    torch.manual_seed(0)
+    model, x = ConvNet(), torch.randn(4, 3, 16, 16)
+    (graph,) = capture_graphs(model, x)
+    shares = gradient_shares(graph)
+    norms = probe_gradients(model, x)
+    total = sum(norms.values())
+    profile = profile_memory(graph)
+    # conv2 reads tanh(conv1(x)); that tensor is also read by TanhBackward (its error reaches
+    # the gradient tanh passes to conv1): conv2.weight and everything of conv1
+    (h1,) = [t for t in saved_by(profile, "ConvolutionBackward0") if t.shape == (4, 8, 16, 16)
+             and any(u.op == "TanhBackward0" for u in t.uses)]
+    expected = (norms["conv2.weight"] + norms["conv1.weight"] + norms["conv1.bias"]) / total
+    assert shares[(h1.node, h1.ordinal)] == pytest.approx(expected, rel=1e-6)
+    # the mean's input, read by nothing but the mean's backward (which saves no tensor): no share;
+    # the head's input (the mean) reaches head.weight only, through AddmmBackward's mat1
+    (pooled,) = [t for t in saved_by(profile, "AddmmBackward0") if t.shape == (4, 8)]
+    assert shares[(pooled.node, pooled.ordinal)] == pytest.approx(norms["head.weight"] / total, rel=1e-6)
+
+
+class ChainNet(nn.Module):
+    """conv1's output is read only by conv2's backward (for conv2's weight gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv2(self.conv1(x))).mean(dim=(2, 3)))
+
+
+def test_what_only_a_frozen_layers_gradient_reads_has_no_share_and_gets_the_smallest_codec():
+    torch.manual_seed(0)
+    model, x = ChainNet(), torch.randn(8, 3, 32, 32)
+    (graph,) = capture_graphs(model, x)
+    profile = profile_memory(graph)
+    (h,) = [t for t in saved_by(profile, "ConvolutionBackward0") if t.shape == (8, 16, 32, 32)]
+    key = (h.node, h.ordinal)
+    norms = probe_gradients(model, x)
+    assert gradient_shares(graph)[key] == pytest.approx(norms["conv2.weight"] / sum(norms.values()), rel=1e-6)
+    model.conv2.weight.requires_grad_(False)
+    (graph,) = capture_graphs(model, x)
+    assert gradient_shares(graph)[key] == 0.0
+    trained = [p for p in model.parameters() if p.requires_grad]
+    ref = torch.cat([g.flatten() for g in torch.autograd.grad(model(x).sum(), trained)])
+    errors = {}
+    for weighting in ("tensor", "gradient"):
+        wrapped = actcompile.actcompile(model, budget=0.2, example_inputs=x, codecs=["int8", "int4", "int2"],
+                                        error_weighting=weighting)
+        chosen = {a.node: a.codec for a in wrapped.plan.assignments}
+        got = torch.cat([g.flatten() for g in torch.autograd.grad(wrapped(x).sum(), trained)])
+        errors[weighting] = float((got - ref).norm() / ref.norm())
+    assert chosen.get(h.node) == "int2", wrapped.plan   # its error reaches no gradient
+    assert errors["gradient"] < errors["tensor"] / 10, errors   # measured: 1.6e-5 against 5.1e-4
+
+
+def test_gradient_weighted_plan_predicts_its_gradient_error_and_roundtrips():
+    torch.manual_seed(0)
+    model, x = ConvNet(), torch.randn(8, 3, 32, 32)
+    wrapped = actcompile.actcompile(model, budget=0.25, example_inputs=x, error_weighting="gradient")
+    plan = wrapped.plan
+    lossy = [a for a in plan.assignments if a.error > 0]
+    assert lossy and all(a.gradient_share is not None and 0 <= a.gradient_share <= 1 for a in lossy)
+    predicted = plan.predicted_gradient_error
+    assert predicted == pytest.approx(math.sqrt(sum(a.gradient_share * a.error ** 2 for a in lossy)))
+    assert f"predicted gradient error {predicted:.3g}" in str(plan)
+    section = plan.sections[0].plan
+    assert Plan.from_json(section.to_json()) == section
+    # measured against the uncompressed gradient, same random-tangent loss: same order as predicted
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        tangent = torch.randn(8, 5)
+    ref = torch.autograd.grad((model(x) * tangent).sum(), list(model.parameters()))
+    got = torch.autograd.grad((wrapped(x) * tangent).sum(), list(model.parameters()))
+    a, b = torch.cat([g.flatten() for g in ref]), torch.cat([g.flatten() for g in got])
+    measured = float((a - b).norm() / a.norm())
+    assert predicted / 10 < measured < predicted * 10, (measured, predicted)
+
+
+def test_unknown_error_weighting_is_named_with_what_is_accepted():
+    with pytest.raises(ValueError, match="'tensor', 'bytes', 'gradient'"):
+        actcompile.actcompile(nn.Linear(4, 4), budget=0.5, error_weighting="hessian")
