@@ -135,6 +135,7 @@ class CompileConfig:
     reserve_bytes_per_node: int = 1024
     reserve_bytes_per_packed: int = 256
     error_weighting: str = "tensor"
+    gradient_floor: float = 0.25
     recompute: bool = True
     narrow_integers: bool = True
     compile_codecs: bool = dataclasses.field(default_factory=_compile_codecs_default)
@@ -154,6 +155,8 @@ class CompileConfig:
         if self.error_weighting not in ERROR_WEIGHTINGS:
             raise ValueError(f"CompileConfig.error_weighting={self.error_weighting!r}: accepted are "
                              f"{', '.join(map(repr, ERROR_WEIGHTINGS))}")
+        if not 0.0 <= self.gradient_floor <= 1.0:
+            raise ValueError(f"CompileConfig.gradient_floor={self.gradient_floor!r}: must be in [0, 1]")
         for name in ("reserve_bytes_per_node", "reserve_bytes_per_packed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"CompileConfig.{name}={getattr(self, name)}: must be >= 0")

@@ -10,7 +10,8 @@ have small activations but most parameters), so every tensor's relative error co
 With ``"bytes"``, ``w`` is the tensor's size. Measured on ResNet-18 at 1/4 of its activation
 bytes: gradient cosine 0.99943 per-tensor vs. 0.99875 size-weighted. Lossless choices cost nothing and are taken
 first; so is recomputing a node (activation checkpointing) whose saves no codec may touch
-(int64 max-pool indices, oneDNN's uint8 LSTM workspace); a budget already met compresses nothing; a budget no choice meets raises
+(integers no lossless codec narrows, such as oneDNN's uint8 LSTM workspace); a budget already met (with room for
+autograd's records: a byte budget just above the storages is not met) compresses nothing; a budget no choice meets raises
 :class:`~actcompile.errors.BudgetError` with the smallest bytes reachable.
 
 A small reserve (per autograd node and per packable tensor, see :class:`CompileConfig`) is
@@ -70,8 +71,13 @@ def _weight(t: SavedTensor, config: CompileConfig, shares: dict | None) -> float
     if config.error_weighting == "bytes":
         return float(t.nbytes)
     if config.error_weighting == "gradient" and shares:
-        # a tensor the probe did not reach is weighed as the most sensitive one (never free)
-        return shares.get((t.node, t.ordinal), max(shares.values())) + 1e-6
+        # A share measured at one point of training can be 0 where training has not moved yet
+        # (a zero-initialised head or gate hides every gradient behind it): every tensor keeps
+        # ``gradient_floor`` of the per-tensor weight, the rest follows its share (scaled so
+        # shares that sum to 1 average to 1). A tensor the probe did not reach gets the largest.
+        share = shares.get((t.node, t.ordinal), max(shares.values()))
+        floor = config.gradient_floor
+        return floor + (1.0 - floor) * len(shares) * share
     return 1.0
 
 
@@ -184,7 +190,12 @@ def choose_plans(profiles: list[MemoryProfile], config: CompileConfig, calibrati
                           smallest_bytes=None)
     shares = list(shares) if shares is not None else [None] * len(profiles)
     problems = [_GraphProblem.build(p, config, c, r, s) for p, c, r, s in zip(profiles, calibrations, repeats, shares)]
-    if baseline <= max(budget_bytes, 0):   # already met (or nothing saved): every item keeps its bytes
+    # Already met (or nothing saved): every item keeps its bytes. Uncompressed, the heap holds the
+    # storages plus autograd's own records; a byte budget must leave room for those too (only a
+    # fraction of 1 means "as it is").
+    records = sum(r * config.reserve_bytes_per_node * p.autograd_nodes for p, r in zip(profiles, repeats))
+    met = baseline <= max(budget_bytes, 0) and (config.budget.fraction == 1.0 or baseline + records <= budget_bytes)
+    if met:
         decoded = [problem.decode([0] * len(problem.items)) for problem in problems]
     else:
         items = [item for problem in problems for item in problem.items]

@@ -61,7 +61,10 @@ def gradient_shares(graph: CapturedGraph, seed: int = 0) -> dict[Key, float]:
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        record = record_saves(graph.gm, graph.flat_inputs, on_save, fake=False,
+        # inputs made by an earlier graph carry its (planning-time) history: the probe stops at them
+        inputs = [x.detach().requires_grad_(x.requires_grad)
+                  if isinstance(x, torch.Tensor) and x.grad_fn is not None else x for x in graph.flat_inputs]
+        record = record_saves(graph.gm, inputs, on_save, fake=False,
                               input_kinds=graph.input_kinds, keep=True)
         outputs = [t for t in tree_leaves(record.output)
                    if isinstance(t, torch.Tensor) and t.grad_fn is not None and t.is_floating_point()]
@@ -69,6 +72,8 @@ def gradient_shares(graph: CapturedGraph, seed: int = 0) -> dict[Key, float]:
             return {}
         reached = _reached_parameters(outputs)
         leaves = list(reached.leaves)
+        if not leaves:   # no parameter gradient flows through this graph (a loss after a graph break)
+            return {}
         tangents = [torch.randn_like(t) for t in outputs]
         grads = torch.autograd.grad(outputs, leaves, tangents, allow_unused=True)
     norms = [float(g.double().pow(2).sum()) if g is not None else 0.0 for g in grads]

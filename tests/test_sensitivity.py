@@ -91,7 +91,7 @@ def test_what_only_a_frozen_layers_gradient_reads_has_no_share_and_gets_the_smal
     errors = {}
     for weighting in ("tensor", "gradient"):
         wrapped = actcompile.actcompile(model, budget=0.2, example_inputs=x, codecs=["int8", "int4", "int2"],
-                                        error_weighting=weighting)
+                                        error_weighting=weighting, gradient_floor=0.0)
         chosen = {a.node: a.codec for a in wrapped.plan.assignments}
         got = torch.cat([g.flatten() for g in torch.autograd.grad(wrapped(x).sum(), trained)])
         errors[weighting] = float((got - ref).norm() / ref.norm())
@@ -125,3 +125,19 @@ def test_gradient_weighted_plan_predicts_its_gradient_error_and_roundtrips():
 def test_unknown_error_weighting_is_named_with_what_is_accepted():
     with pytest.raises(ValueError, match="'tensor', 'bytes', 'gradient'"):
         actcompile.actcompile(nn.Linear(4, 4), budget=0.5, error_weighting="hessian")
+
+
+def test_the_gradient_floor_keeps_an_unreached_tensor_from_being_free():
+    """A share of 0 at planning (a zero-initialised head) must not make a tensor's error free."""
+    from actcompile.config import CompileConfig, parse_budget
+    from actcompile.passes.policy import _weight
+    from actcompile.plan import SavedTensor, TensorKind, Use
+
+    t = SavedTensor(0, "h", 0, (4,), "float32", 16, TensorKind.ACTIVATION, (Use("TanhBackward0"),), (4,))
+    shares = {("h", 0): 0.0, ("g", 0): 1.0}
+    floored = CompileConfig(budget=parse_budget(0.5), error_weighting="gradient")
+    assert _weight(t, floored, shares) == pytest.approx(0.25)
+    bare = CompileConfig(budget=parse_budget(0.5), error_weighting="gradient", gradient_floor=0.0)
+    assert _weight(t, bare, shares) == 0.0
+    with pytest.raises(ValueError, match="gradient_floor=2.*must be in \\[0, 1\\]"):
+        CompileConfig(budget=parse_budget(0.5), gradient_floor=2)
