@@ -34,6 +34,23 @@ def test_compiled_codec_matches_eager_exactly(name):
     assert torch.equal(fast.unpack(packed), codec.unpack(reference)), f"{name}: compiled unpack differs"
 
 
+def test_integer_codecs_compile_and_stay_bit_exact():
+    """Codec kernels are compiled by default: the lossless integer codecs must be as exact there."""
+    from actcompile.codecs.integer import BitsCodec, PoolOffsetsCodec
+
+    x = torch.randn(4, 8, 30, 30, generator=torch.Generator().manual_seed(0))
+    _, indices = torch.nn.functional.max_pool2d(x, 3, 2, 1, return_indices=True)
+    pool = PoolOffsetsCodec(input_size=(30, 30), kernel=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1))
+    flags = torch.rand(1003, generator=torch.Generator().manual_seed(1)) > 0.5
+    for codec, value in ((pool, indices), (BitsCodec(), flags)):
+        fast = CompiledCodec(codec)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")   # an eager fallback warns: it must compile
+            packed = fast.pack(value)
+            assert same_payload(packed, codec.pack(value))
+            assert torch.equal(fast.unpack(packed), value)
+
+
 def test_kernels_are_cached_per_shape():
     clear_kernels()
     fast = CompiledCodec(get_codec("int8"))
