@@ -70,6 +70,11 @@ def build(name: str):
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+        # A zero-initialised head (torchvision's ViT) passes no gradient to the trunk, so a
+        # gradient cosine would compare the head's gradient only: small random weights, as the
+        # first optimizer steps would give it (runs 1-8 measured the ViT with its zero head).
+        if isinstance(m, torch.nn.Linear) and not m.weight.any():
+            torch.nn.init.normal_(m.weight, std=0.02, generator=torch.Generator().manual_seed(0))
     if name.startswith("gpt2"):
         return model, {"input_ids": x, "labels": x}, lambda out: out.loss
     labels = torch.randint(0, 10, (x.shape[0],), generator=torch.Generator().manual_seed(1))
