@@ -75,7 +75,9 @@ def _weight(t: SavedTensor, config: CompileConfig, shares: dict | None) -> float
         # (a zero-initialised head or gate hides every gradient behind it): every tensor keeps
         # ``gradient_floor`` of the per-tensor weight, the rest follows its share (scaled so
         # shares that sum to 1 average to 1). A tensor the probe did not reach gets the largest.
-        share = shares.get((t.node, t.ordinal), max(shares.values()))
+        share = shares.get((t.node, t.ordinal))
+        if share is None:
+            share = max(shares.values())
         floor = config.gradient_floor
         return floor + (1.0 - floor) * len(shares) * share
     return 1.0
