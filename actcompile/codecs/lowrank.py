@@ -5,8 +5,11 @@ decomposition, which saves nothing) and get their ranks from ``epsilon``: the ex
 variance ``v`` of the HOSVD paper is ``v = 1 − ε²`` (``v = 0.8 ↔ ε ≈ 0.447``). Neither runs a
 full SVD: ``svd`` eigendecomposes the Gram matrix of the unfolding's short side; ``hosvd`` is the
 sequentially truncated HOSVD, one mode Gram matrix and ``eigh`` per mode on an ever smaller core (shortest modes first),
-with the error budget ``ε²‖x‖²`` split evenly over the modes (its error is at most the sum of the
-modes' dropped energies, and is checked exactly as ``‖x‖² − ‖core‖²``). ``max_bytes`` caps the
+with the error budget ``ε²‖x‖²`` shared by the modes (each may drop an even share of what the
+modes before it left; its error is the sum of the modes' dropped energies, and is checked exactly
+as ``‖x‖² − ‖core‖²``). A mode a sample of its fibres says must keep over half its rank is kept
+whole, which costs nothing to compute (at small ε, where the ranks stay nearly full, the exact
+Gram matrices and mode products cost 20× a copy to save little). ``max_bytes`` caps the
 factors; ``rank`` / ``ranks`` fix them instead of ``epsilon``. A tensor holding NaN or Inf has
 no low-rank form: it unpacks as all-NaN, so the damage is visible, never hidden.
 
@@ -172,6 +175,29 @@ def _mode_product(core: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.
     return torch.matmul(matrix, m).reshape(shape)
 
 
+SAMPLE_VALUES = 1 << 20   # values of a mode's unfolding :func:`_sampled_rank` reads
+
+
+def _sampled_rank(core: torch.Tensor, mode: int, allowed: float) -> int:
+    """The rank mode ``mode`` of ``core`` would keep to drop at most ``allowed`` energy, estimated
+    from the Gram matrix of an evenly strided sample of its fibres (about :data:`SAMPLE_VALUES`
+    values), scaled to the whole. Only decides whether a mode is worth its exact Gram matrix;
+    a core this small is not sampled (0: always worth it)."""
+    m = _mode_matrices(core, mode)
+    before, d, after = m.shape
+    fibres = before * after
+    stride = fibres * d // SAMPLE_VALUES
+    if stride < 2 or fibres // stride < 2 * d:
+        return 0
+    along = min(stride, after)               # stride the fibres within each matrix first,
+    across = max(1, stride // along)         # then the matrices
+    sample = m[::across, :, ::along].transpose(0, 1).reshape(d, -1)   # a copy of ~SAMPLE_VALUES values
+    values, _ = _spectrum(sample @ sample.T)
+    values = values * (fibres / sample.shape[1])
+    energy = values.sum().item()
+    return energy_cut(values, energy, math.sqrt(allowed / energy)) if energy > allowed else 0
+
+
 @register_codec
 @dataclasses.dataclass(frozen=True)
 class HOSVDCodec(VariableRate):
@@ -200,10 +226,14 @@ class HOSVDCodec(VariableRate):
         return tuple(shape) if len(shape) >= 2 else (1, math.prod(shape))
 
     MAX_MODE: ClassVar[int] = 2048   # longer modes are not truncated: eigh of their Gram costs seconds
+    # A mode whose rank a sample says must stay above this fraction of its length is kept whole:
+    # truncating it would cost an exact Gram matrix and a mode product over all of the data (at
+    # ε 0.05 on the relu of benchmarks/codecs.py, 20-24× a copy for 2.3× smaller) to save little.
+    KEEP_WHOLE_ABOVE: ClassVar[float] = 0.5
 
     @classmethod
     def _bytes(cls, dims, ranks, itemsize) -> int:
-        factors = sum(d * r for d, r in zip(dims, ranks) if d <= cls.MAX_MODE)
+        factors = sum(d * r for d, r in zip(dims, ranks) if r < d <= cls.MAX_MODE)
         return (math.prod(ranks) + factors) * itemsize
 
     def _fixed_ranks(self, dims) -> tuple[int, ...]:
@@ -228,21 +258,35 @@ class HOSVDCodec(VariableRate):
         return self._bytes(dims, self._shrink_to_cap(dims, self._fixed_ranks(dims), spec.dtype.itemsize),
                            spec.dtype.itemsize)
 
-    def _decompose(self, tensor: torch.Tensor, ranks=None, allowed=None):
-        """ST-HOSVD, modes largest first; ranks given, or chosen so each mode drops ≤ ``allowed``."""
+    def _decompose(self, tensor: torch.Tensor, ranks=None, error_budget=None):
+        """ST-HOSVD, shortest modes first. ``ranks`` given, or chosen so that all modes together
+        drop at most ``error_budget`` energy: each mode may drop an even share of what the modes
+        before it left unspent (ST-HOSVD's error is the sum of the modes' dropped energies).
+        A mode kept at full rank gets no factor (``None``): a full basis would only rotate it."""
         core, factors = tensor, [None] * tensor.dim()
         # Shortest modes first: their Gram products are the cheapest, and every one that truncates
         # shrinks the core the longer modes' products run over (the relu of benchmarks/codecs.py at
         # ε 0.2: 166× smaller and 10.3× a copy, against 114× and 11.7× longest first).
-        for mode in sorted(range(tensor.dim()), key=lambda i: tensor.shape[i]):
-            if tensor.shape[mode] > self.MAX_MODE:
-                continue   # kept whole (factor None): see MAX_MODE
-            values, vectors = _mode_spectrum(core, mode)
+        order = [m for m in sorted(range(tensor.dim()), key=lambda i: tensor.shape[i])
+                 if tensor.shape[m] <= self.MAX_MODE]   # longer modes are kept whole: see MAX_MODE
+        left = error_budget
+        for position, mode in enumerate(order):
+            d = tensor.shape[mode]
             if ranks is not None:
                 r = ranks[mode]
+                if r >= d:
+                    continue
+                values, vectors = _mode_spectrum(core, mode)
             else:
+                allowed = max(left, 0.0) / (len(order) - position)
+                if _sampled_rank(core, mode, allowed) > self.KEEP_WHOLE_ABOVE * d:
+                    continue
+                values, vectors = _mode_spectrum(core, mode)
                 energy = values.sum().item()
                 r = energy_cut(values, energy, math.sqrt(allowed / energy)) if energy > allowed else 0
+                if r >= d:
+                    continue
+                left -= values[r:].sum().item()
             factors[mode] = vectors[:, :r].float().contiguous()
             core = _mode_product(core, factors[mode].T, mode)
         return core, factors
@@ -263,12 +307,15 @@ class HOSVDCodec(VariableRate):
                 if not math.isfinite(total):
                     tensor, poison = _finite_part(tensor)
                     total = squared_norm(tensor)
-                allowed = (self.target_epsilon ** 2) * total / len(dims)
+                error_budget = (self.target_epsilon ** 2) * total
                 for _ in range(4):   # tighten if rounding pushed the exact error over ε
-                    core, factors = self._decompose(tensor, allowed=allowed)
+                    core, factors = self._decompose(tensor, error_budget=error_budget)
                     if total - core.double().square().sum().item() <= (self.target_epsilon ** 2) * total:
                         break
-                    allowed *= 0.5
+                    error_budget *= 0.5
+                ranks = tuple(f.shape[1] if f is not None else d for f, d in zip(factors, dims))
+                if self._bytes(dims, ranks, 1) >= math.prod(dims):   # factors outweigh what they save
+                    core, factors = tensor, [None] * len(dims)
             ranks = tuple(f.shape[1] if f is not None else d for f, d in zip(factors, dims))
             capped = self._shrink_to_cap(dims, ranks, x.dtype.itemsize)
             if capped != ranks:
