@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from typing import Any, Sequence
 
 import torch
@@ -228,12 +229,30 @@ def registered_backend(gm: torch.fx.GraphModule, example_inputs, options: dict |
     known = _REGISTERED.get(id(options))
     if known is not None and known[0] is options:
         return known[1](gm, example_inputs)
+    _forget_finished_calls()
     backend_for_call = _registered_for(options)
     _REGISTERED[id(options)] = (options, backend_for_call)
     return backend_for_call(gm, example_inputs)
 
 
 _REGISTERED: dict[int, tuple[dict, ActCompileBackend]] = {}
+_ONLY_OURS = 3   # references to an options dict held only here: the table's tuple, a local, getrefcount's argument
+
+
+def _forget_finished_calls() -> None:
+    """Drop the backends of ``torch.compile`` calls that are gone.
+
+    The compiled callable holds its options dict (``torch._TorchCompileWrapper.kwargs``); once
+    it is collected, only this table refers to the dict, and no graph can ask for its backend
+    again. A dict cannot be weakly referenced, so its reference count says so (CPython).
+
+    >>> _REGISTERED[-1] = ({"budget": 0.5}, None)   # a call nothing holds any more
+    >>> _forget_finished_calls(); -1 in _REGISTERED
+    False
+    """
+    for key, (options, _) in list(_REGISTERED.items()):
+        if sys.getrefcount(options) <= _ONLY_OURS:
+            del _REGISTERED[key]
 
 
 def _registered_for(options: dict | None) -> ActCompileBackend:

@@ -368,6 +368,30 @@ def test_backend_by_name_shares_one_budget_across_graph_breaks():
     assert backend.forward_budget.overshoot_bytes == 0
 
 
+def test_backends_of_collected_compile_calls_are_forgotten():
+    """The table that gives each torch.compile call its one backend does not grow without end:
+    once a compiled model is collected, its entry goes at the next call's first graph."""
+    import gc
+
+    from actcompile.compile_backend import _REGISTERED
+
+    g = torch.Generator().manual_seed(2)
+    x, labels = torch.randn(512, WIDTH, generator=g), torch.randint(0, 10, (512,), generator=g)
+    first = {"budget": 0.25}
+    compiled = torch.compile(BreakThenTail("loss"), backend="actcompile", options=first)
+    compiled(x, labels).backward()
+    first_key = id(first)
+    assert _REGISTERED[first_key][0] is first
+    del compiled, first
+    torch._dynamo.reset()   # Dynamo's code cache also holds the compiled callable's backend
+    gc.collect()
+    second = {"budget": 0.25}
+    torch.compile(BreakThenTail("loss"), backend="actcompile", options=second)(x, labels).backward()
+    assert id(second) in _REGISTERED
+    assert all(options is second or key != first_key for key, (options, _) in _REGISTERED.items())
+    assert len(_REGISTERED) == 1, f"{len(_REGISTERED)} backends kept, only the live call's expected"
+
+
 def _saved_storages(step):
     """``{storage pointer: bytes}`` of every tensor autograd saves while ``step()`` runs the forward
     (the compiled forward's saved values go through ``ctx.save_for_backward``, so the hooks see them)."""
