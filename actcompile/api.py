@@ -24,6 +24,13 @@ its own signature (planned once, then cached); Dynamo's recompile limit (8 per `
 caps how many are kept, past which the forward runs uncompressed with a warning. In eval mode
 or under ``torch.no_grad()`` the module simply runs ``model``.
 
+Plans stay true while training moves: every ``check_every`` compressed training forwards, each
+packed tensor's codec error is measured on the real tensor; one over ``drift_tolerance`` × its
+planned error (+ :data:`~actcompile.config.DRIFT_SLACK`) is recorded in ``drifts``, warned
+about (:class:`~actcompile.errors.PlanDriftWarning`) and its signature re-planned at the next
+forward (a zero-initialised gate, all zeros at planning, gets a 1-bit mask that turns wrong
+once the gate moves).
+
 >>> import torch
 >>> net = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
 >>> x = torch.randn(128, 512)
@@ -44,8 +51,8 @@ import torch
 from torch import nn
 
 from actcompile.codecs import get_codec
-from actcompile.config import Budget, CompileConfig, default_codecs, parse_budget
-from actcompile.errors import CodecError
+from actcompile.config import DRIFT_SLACK, Budget, CompileConfig, default_codecs, parse_budget
+from actcompile.errors import CodecError, PlanDriftWarning
 from actcompile.passes.calibrate import calibrate
 from actcompile.passes.capture import (CapturedGraph, GraphRunner, Inputs, capture_graphs, dynamo_forward,
                                        handling, input_kinds, normalize_inputs)
@@ -127,6 +134,23 @@ def _signature(args, kwargs, model) -> tuple:
     return (describe(args), describe(kwargs), tuple(m.training for m in model.modules()))
 
 
+@dataclasses.dataclass(frozen=True)
+class Drift:
+    """A packed tensor whose codec error, measured in training, left what its plan assumed."""
+
+    forward: int          # the compressed training forward that measured it (1 = the first)
+    graph: str
+    node: str
+    ordinal: int
+    codec: str
+    planned_error: float
+    measured_error: float
+
+    def __str__(self) -> str:
+        return (f"{self.graph}:{self.node}[{self.ordinal}] {self.codec}: relative error {self.measured_error:.3g}, "
+                f"planned {self.planned_error:.3g}")
+
+
 @dataclasses.dataclass
 class _GraphState:
     """One captured graph as this module runs it: its plan and the rewritten graph."""
@@ -138,7 +162,8 @@ class _GraphState:
 def _add_stats(total: RuntimeStats, more: RuntimeStats | None) -> None:
     if more is not None:
         for field in dataclasses.fields(RuntimeStats):
-            setattr(total, field.name, getattr(total, field.name) + getattr(more, field.name))
+            if isinstance(getattr(more, field.name), int):   # measured_errors are per graph (its node names)
+                setattr(total, field.name, getattr(total, field.name) + getattr(more, field.name))
 
 
 class ActCompiledModule(nn.Module):
@@ -167,6 +192,9 @@ class ActCompiledModule(nn.Module):
         self.__dict__["_ran"] = []         # runners the last forward went through
         self.__dict__["_stats"] = None
         self.__dict__["_ready"] = set()    # signatures planned (or adopted) in this process
+        self.__dict__["_stale"] = set()    # signatures whose plan drifted: re-planned at their next forward
+        self.__dict__["_forwards"] = 0     # compressed training forwards run (drift checks count them)
+        self.__dict__["drifts"] = []       # every Drift found, oldest first
 
     # -- planning ----------------------------------------------------------------------------
     @property
@@ -186,7 +214,7 @@ class ActCompiledModule(nn.Module):
         """Capture one forward, then plan every graph in it not planned yet, under one budget."""
         graphs = capture_graphs(self._original, Inputs(args, kwargs), forward=self._dynamo())
         known = self._plans.get(key)
-        if known is not None and self._adopt(known, graphs):
+        if known is not None and key not in self._stale and self._adopt(known, graphs):
             plan = known
         else:
             new = list({id(g.runner): g for g in graphs if g.runner not in self._graphs}.values())
@@ -204,6 +232,7 @@ class ActCompiledModule(nn.Module):
         self.__dict__["_ratio"] = plan.budget_bytes / max(plan.baseline_bytes, 1)
         self._plans[key] = plan
         self._ready.add(key)
+        self._stale.discard(key)
         self.__dict__["_last"] = key
         return plan
 
@@ -259,9 +288,47 @@ class ActCompiledModule(nn.Module):
         if state is None:
             state = self._plan_late(runner, flat_inputs)
         self._ran.append(runner)
-        out = state.compiled(*flat_inputs)
+        checking = self._checking()
+        state.compiled.measure_errors = checking
+        try:
+            out = state.compiled(*flat_inputs)
+        finally:
+            state.compiled.measure_errors = False
         _add_stats(self._stats, state.compiled.last_stats)
+        if checking and state.compiled.last_stats is not None:
+            self.drifts.extend(self._drifted(runner.name, state.plan, state.compiled.last_stats.measured_errors))
         return out
+
+    # -- plans that stay true ----------------------------------------------------------------
+    def _checking(self) -> bool:
+        """Is this forward a drift check (every ``check_every``-th compressed training forward)?"""
+        every = self.compile_config.check_every
+        return bool(every) and self._forwards % every == 0
+
+    def _drifted(self, graph: str, plan: Plan, measured: dict) -> list[Drift]:
+        """The assignments of ``plan`` whose measured error left ``drift_tolerance`` × the planned one.
+
+        A codec exact by its use (a ReLU's mask) is right whatever the values: not checked.
+        """
+        tolerance = self.compile_config.drift_tolerance
+        found = []
+        for a in plan.assignments:
+            got = measured.get((a.node, a.ordinal))
+            if got is None or a.exact_by_use:
+                continue
+            if not got <= tolerance * a.error + DRIFT_SLACK:   # NaN drifts too
+                found.append(Drift(self._forwards, graph, a.node, a.ordinal, a.codec, a.error, got))
+        return found
+
+    def _replan_after(self, key, drifts: list[Drift]) -> None:
+        """Warn, and plan signature ``key`` again at its next forward, calibrated on that forward's values."""
+        shown = "; ".join(map(str, drifts[:5])) + (f"; … (+{len(drifts) - 5})" if len(drifts) > 5 else "")
+        warnings.warn(f"actcompile: {len(drifts)} packed tensor(s) no longer match their plan ({shown}); "
+                      "the next forward re-calibrates and re-plans", PlanDriftWarning, stacklevel=3)
+        for runner in self._ran:
+            self._graphs.pop(runner, None)
+        self._ready.discard(key)
+        self._stale.add(key)
 
     @torch._dynamo.disable
     def forward(self, *args, **kwargs):
@@ -274,6 +341,8 @@ class ActCompiledModule(nn.Module):
         key = _signature(args, kwargs, self._original)
         if key not in self._ready:
             self._plan_forward(key, args, kwargs)
+        self.__dict__["_forwards"] += 1
+        found_before = len(self.drifts)
         self.__dict__["_ran"] = []
         self.__dict__["_stats"] = RuntimeStats()
         self.__dict__["_call"] = (args, kwargs)
@@ -295,6 +364,8 @@ class ActCompiledModule(nn.Module):
             warnings.warn(f"actcompile: {self._stats.guard_failures} saved tensor(s) differed from the plan; "
                           "they were kept uncompressed", RuntimeWarning, stacklevel=2)
         self.__dict__["_last"] = key
+        if len(self.drifts) > found_before:
+            self._replan_after(key, self.drifts[found_before:])
         return out
 
     @property
@@ -318,7 +389,8 @@ class ActCompiledModule(nn.Module):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        for derived in ("_forward", "_graphs", "_ratio", "_call", "_ran", "_stats", "_ready"):
+        for derived in ("_forward", "_graphs", "_ratio", "_call", "_ran", "_stats", "_ready", "_stale", "_forwards",
+                        "drifts"):
             state.pop(derived, None)   # rebuilt: the kept plans are adopted on the next call
         return state
 

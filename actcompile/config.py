@@ -103,6 +103,9 @@ def default_codecs(everything: bool = False) -> tuple:
 
 
 ERROR_WEIGHTINGS = ("tensor", "bytes", "gradient")
+# Absolute slack of a drift check: errors under the smallest ε of the default ladder are noise
+# (int8's error moves by a few 1e-3 between batches), not a plan gone wrong.
+DRIFT_SLACK = 0.01
 
 
 def _compile_codecs_default() -> bool:
@@ -126,6 +129,11 @@ class CompileConfig:
     offers the lossless integer codecs (:mod:`actcompile.codecs.integer`: bool as bits, max-pool
     indices as window offsets, integers in a narrower dtype) to integer and bool saves, whatever
     ``codecs`` names: they lose nothing, and are kept only where measured exact.
+    ``check_every``: every that many compressed training forwards (0: never), each packed
+    tensor's codec error is measured on the real tensor (one extra unpack); an error over
+    ``drift_tolerance`` × its planned error (+ :data:`DRIFT_SLACK`) warns and re-plans
+    (:mod:`actcompile.api`: a tensor constant at planning, such as a zero-initialised gate, can
+    look exactly compressible).
     """
 
     budget: Budget
@@ -139,6 +147,8 @@ class CompileConfig:
     recompute: bool = True
     narrow_integers: bool = True
     compile_codecs: bool = dataclasses.field(default_factory=_compile_codecs_default)
+    check_every: int = 50
+    drift_tolerance: float = 2.0
 
     def __post_init__(self):
         if not isinstance(self.budget, Budget):
@@ -160,3 +170,9 @@ class CompileConfig:
         for name in ("reserve_bytes_per_node", "reserve_bytes_per_packed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"CompileConfig.{name}={getattr(self, name)}: must be >= 0")
+        if isinstance(self.check_every, bool) or not isinstance(self.check_every, int) or self.check_every < 0:
+            raise ValueError(f"CompileConfig.check_every={self.check_every!r}: must be an int >= 0 "
+                             "(training forwards between error checks; 0 turns them off)")
+        if not self.drift_tolerance >= 1.0:
+            raise ValueError(f"CompileConfig.drift_tolerance={self.drift_tolerance!r}: must be >= 1 "
+                             "(how many times its planned error a codec may reach before re-planning)")

@@ -187,6 +187,8 @@ class Assignment:
     dtype: str = "float32"
     gradient_share: float | None = None   # share of the parameter gradient its error reaches
                                           # (passes/sensitivity.py); None where not probed
+    exact_by_use: bool = False   # exact whatever the values: every backward reading it reads only
+                                 # what the codec keeps (a ReLU's mask); drift checks skip it
 
     def __post_init__(self):
         _require(self.bytes_before >= 0, "Assignment", "bytes_before", self.bytes_before, "must be >= 0")

@@ -35,7 +35,7 @@ import torch.utils.checkpoint
 from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from actcompile.codecs.base import packed_bytes
+from actcompile.codecs.base import packed_bytes, relative_error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +66,9 @@ class RuntimeStats:
     packed_bytes: int = 0        # bytes the codecs hold
     raw_bytes_replaced: int = 0  # bytes of the storages they replaced
     guard_failures: int = 0
+    # (node, ordinal) -> the codec's relative error on the real tensor, in a forward run with
+    # ``compressing(..., measure=True)`` (a drift check); empty otherwise
+    measured_errors: dict = dataclasses.field(default_factory=dict)
 
 
 class _PackedStorage:
@@ -110,9 +113,10 @@ class _Session:
     own): every save the plan does not pack goes to them, so an outer offload still happens.
     """
 
-    def __init__(self, table: dict, outer=None, packed: dict | None = None):
+    def __init__(self, table: dict, outer=None, packed: dict | None = None, measure: bool = False):
         self.table = table
         self.outer = outer
+        self.measure = measure
         self.node: str | None = None
         self.ordinal = 0
         # storage -> its packed form; shared by the graphs of one forward (see sharing_packed)
@@ -139,6 +143,8 @@ class _Session:
         if hasattr(codec, "bind"):   # compiled kernels: the pair for this layout, found once
             codec = codec.bind(whole)
         payload = codec.pack(whole)
+        if self.measure:   # a drift check: does the codec still do on this tensor what was planned?
+            self.stats.measured_errors[(self.node, self.ordinal - 1)] = relative_error(whole, codec.unpack(payload))
         holder = _PackedStorage(codec, payload, tuple(whole.shape), whole.stride())
         self.packed[key.cdata] = (key, holder)
         self.stats.packed_tensors += 1
@@ -236,15 +242,16 @@ def inside_checkpoint() -> bool:
 
 
 @contextlib.contextmanager
-def compressing(table: dict):
+def compressing(table: dict, measure: bool = False):
     """Install the pack/unpack hooks for one forward; always removed, even if the forward raises.
 
     Saved-tensor hooks already active (``save_on_cpu``) get every save the plan does not pack.
+    ``measure``: also record each packed tensor's codec error (``stats.measured_errors``).
     """
     if _session() is not None:
         raise RuntimeError("actcompile: compressed forwards cannot nest in one thread")
     outer = outer_saved_tensor_hooks()
-    session = _Session(table, outer, getattr(_active, "packed", None))
+    session = _Session(table, outer, getattr(_active, "packed", None), measure)
     _active.session = session
     try:
         with torch.autograd.graph.saved_tensors_hooks(session.pack, _unpack):

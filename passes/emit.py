@@ -44,11 +44,12 @@ class CompressedGraphModule(torch.fx.GraphModule):
         super().__init__(root, graph, class_name)
         self.compression_table = table
         self.last_stats: runtime.RuntimeStats | None = None
+        self.measure_errors = False   # set for one forward: a drift check (see runtime.compressing)
 
     def __call__(self, *args, **kwargs):
         if not (self.training and torch.is_grad_enabled()):
             return super().__call__(*args, **kwargs)
-        with runtime.compressing(self.compression_table) as stats:
+        with runtime.compressing(self.compression_table, self.measure_errors) as stats:
             out = super().__call__(*args, **kwargs)
         self.last_stats = stats
         return out

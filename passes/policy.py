@@ -149,7 +149,8 @@ class _GraphProblem:
                                           options=codec_options(codec), epsilon=codec.epsilon,
                                           bytes_before=t.nbytes, bytes_after=nbytes, error=error,
                                           shape=t.shape, dtype=t.dtype,
-                                          gradient_share=self.shares.get((t.node, t.ordinal))))
+                                          gradient_share=self.shares.get((t.node, t.ordinal)),
+                                          exact_by_use=exact_for_use(codec, t.uses)))
         for r, pick in zip(self.recomputes, chosen[n:]):
             if pick == 0:
                 skips += [s for s in self.inside_skips if s.node == r.node]

@@ -1,0 +1,123 @@
+"""Plans stay true while training moves: drift checks measure each packed tensor's codec error
+every ``check_every`` training forwards, warn, and re-plan when it left the plan."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from actcompile import PlanDriftWarning, actcompile
+from actcompile.measure import compare_gradients
+
+WIDTH, BATCH = 128, 256
+
+
+class ZeroGate(nn.Module):
+    """``head(x + gate(x) * tanh(fc(x)))`` with the gate zero-initialised (adaLN-Zero, ReZero):
+    at planning the gate's output is all zeros, which every codec keeps exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.gate, self.head = nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, 10)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
+
+    def forward(self, x):
+        return self.head(x + self.gate(x) * torch.tanh(self.fc(x)))
+
+
+def batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(BATCH, WIDTH, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
+
+
+def gradients(model, x, labels):
+    """The gradients the gate's saved output reaches: those of ``fc`` (behind the product)."""
+    model.zero_grad()
+    F.cross_entropy(model(x), labels).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if n.startswith("fc.")}
+
+
+def train(wrapped, model, steps, lr=0.5):
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    for step in range(steps):
+        x, labels = batch(step)
+        optimizer.zero_grad()
+        F.cross_entropy(wrapped(x), labels).backward()
+        optimizer.step()
+
+
+def gate_codec(wrapped):
+    """The codec the current plan gives the gate's output (saved by the product), if any."""
+    return [a.codec for a in wrapped.plan.assignments if a.node == "mul" and a.ordinal == 1]
+
+
+def test_a_zero_initialised_gate_planned_as_exact_is_caught_and_replanned():
+    torch.manual_seed(0)
+    model = ZeroGate()
+    x, labels = batch(0)
+    wrapped = actcompile(model, budget=0.3, example_inputs=x, check_every=2, compile_codecs=False)
+    assert gate_codec(wrapped) == ["mask"], wrapped.plan   # all zeros: 1 bit "exactly"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(wrapped, model, steps=4)
+    drift = [w for w in caught if issubclass(w.category, PlanDriftWarning)]
+    assert drift and "mul[1] mask" in str(drift[0].message), [str(w.message) for w in caught]
+    assert wrapped.drifts and wrapped.drifts[0].forward == 2 and wrapped.drifts[0].planned_error == 0.0
+    assert wrapped.drifts[0].measured_error > 0.5, wrapped.drifts[0]
+    # re-planned on the moved gate: the mask is gone and the gradients are right again
+    assert gate_codec(wrapped) != ["mask"], wrapped.plan
+    assert wrapped.plan.planned_bytes <= wrapped.plan.budget_bytes
+    x, labels = batch(99)
+    cosine, rel = compare_gradients(gradients(model, x, labels), gradients(wrapped, x, labels))
+    assert rel < 0.02, f"fc's gradient after re-planning: rel err {rel:.3g} (cosine {cosine:.6f})"
+
+
+def test_without_checks_the_drift_goes_unnoticed():
+    """The control: ``check_every=0`` measures nothing, and the stale mask ruins the gradients."""
+    torch.manual_seed(0)
+    model = ZeroGate()
+    x, labels = batch(0)
+    wrapped = actcompile(model, budget=0.3, example_inputs=x, check_every=0, compile_codecs=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PlanDriftWarning)
+        train(wrapped, model, steps=4)
+    assert not wrapped.drifts and wrapped.last_stats.packed_tensors > 0
+    assert gate_codec(wrapped) == ["mask"]
+    x, labels = batch(99)
+    cosine, rel = compare_gradients(gradients(model, x, labels), gradients(wrapped, x, labels))
+    assert rel > 0.5, f"fc's gradient: rel err {rel:.3g} (cosine {cosine:.6f}): the stale plan was expected to hurt"
+
+
+class Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, 10)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.relu(self.a(x)))))
+
+
+def test_quantizers_on_new_batches_raise_no_false_alarm():
+    """Every forward checked, batches and weights moving: int8/int4 errors stay within the tolerance."""
+    torch.manual_seed(0)
+    model = Mlp()
+    x, _ = batch(0)
+    wrapped = actcompile(model, budget=0.2, example_inputs=x, check_every=1, compile_codecs=False)
+    codecs = {a.codec for a in wrapped.plan.assignments}
+    assert codecs & {"int8", "int4", "int2", "fp8"}, wrapped.plan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PlanDriftWarning)
+        train(wrapped, model, steps=5, lr=0.1)
+    assert not wrapped.drifts
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"check_every": -1}, "check_every=-1"), ({"check_every": 2.5}, "check_every=2.5"),
+    ({"drift_tolerance": 0.5}, "drift_tolerance=0.5"),
+])
+def test_bad_check_options_are_named(options, message):
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        actcompile(Mlp(), budget=0.5, **options)
