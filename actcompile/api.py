@@ -24,8 +24,8 @@ its own signature (planned once, then cached); Dynamo's recompile limit (8 per `
 caps how many are kept, past which the forward runs uncompressed with a warning. In eval mode
 or under ``torch.no_grad()`` the module simply runs ``model``.
 
-Plans stay true while training moves: every ``check_every`` compressed training forwards, each
-packed tensor's codec error is measured on the real tensor; one over ``drift_tolerance`` × its
+Plans stay true while training moves: at compressed training forwards 1, 2, 4, 8, … and then
+every ``check_every``-th, each packed tensor's codec error is measured on the real tensor; one over ``drift_tolerance`` × its
 planned error (+ :data:`~actcompile.config.DRIFT_SLACK`) is recorded in ``drifts``, warned
 about (:class:`~actcompile.errors.PlanDriftWarning`) and its signature re-planned at the next
 forward (a zero-initialised gate, all zeros at planning, gets a 1-bit mask that turns wrong
@@ -301,9 +301,11 @@ class ActCompiledModule(nn.Module):
 
     # -- plans that stay true ----------------------------------------------------------------
     def _checking(self) -> bool:
-        """Is this forward a drift check (every ``check_every``-th compressed training forward)?"""
-        every = self.compile_config.check_every
-        return bool(every) and self._forwards % every == 0
+        """Is this forward a drift check? Forwards 1, 2, 4, 8, … below ``check_every``, then every
+        ``check_every``-th: training moves fastest at its start (a zero-initialised gate leaves
+        zero after one step), so early drift is caught early at a handful of extra unpacks."""
+        every, n = self.compile_config.check_every, self._forwards
+        return bool(every) and (n % every == 0 or (n < every and n & (n - 1) == 0))
 
     def _drifted(self, graph: str, plan: Plan, measured: dict) -> list[Drift]:
         """The assignments of ``plan`` whose measured error left ``drift_tolerance`` × the planned one.

@@ -129,8 +129,9 @@ class CompileConfig:
     offers the lossless integer codecs (:mod:`actcompile.codecs.integer`: bool as bits, max-pool
     indices as window offsets, integers in a narrower dtype) to integer and bool saves, whatever
     ``codecs`` names: they lose nothing, and are kept only where measured exact.
-    ``check_every``: every that many compressed training forwards (0: never), each packed
-    tensor's codec error is measured on the real tensor (one extra unpack); an error over
+    ``check_every``: at compressed training forwards 1, 2, 4, … below it and then every
+    ``check_every``-th (0: never), each packed tensor's codec error is measured on the real
+    tensor (one extra unpack); an error over
     ``drift_tolerance`` × its planned error (+ :data:`DRIFT_SLACK`) warns and re-plans
     (:mod:`actcompile.api`: a tensor constant at planning, such as a zero-initialised gate, can
     look exactly compressible).
