@@ -44,6 +44,7 @@ True
 from __future__ import annotations
 
 import dataclasses
+import time
 import warnings
 import weakref
 
@@ -212,6 +213,7 @@ class ActCompiledModule(nn.Module):
 
     def _plan_forward(self, key, args, kwargs) -> ModelPlan:
         """Capture one forward, then plan every graph in it not planned yet, under one budget."""
+        started = time.perf_counter()
         graphs = capture_graphs(self._original, Inputs(args, kwargs), forward=self._dynamo())
         known = self._plans.get(key)
         if known is not None and key not in self._stale and self._adopt(known, graphs):
@@ -228,7 +230,8 @@ class ActCompiledModule(nn.Module):
                 self._graphs[g.runner] = self._state(g.gm, p)
             baseline = fixed + sum(p.baseline_bytes * r for p, r in zip(plans, repeats))
             budget_bytes = self.compile_config.budget.resolve(baseline)
-            plan = ModelPlan(budget_bytes, tuple(Section(g.name, self._graphs[g.runner].plan) for g in graphs))
+            plan = ModelPlan(budget_bytes, tuple(Section(g.name, self._graphs[g.runner].plan) for g in graphs),
+                             planning_seconds=time.perf_counter() - started)
         self.__dict__["_ratio"] = plan.budget_bytes / max(plan.baseline_bytes, 1)
         self._plans[key] = plan
         self._ready.add(key)
@@ -361,7 +364,7 @@ class ActCompiledModule(nn.Module):
             plan = self._plans[key]
             sections = tuple(Section(r.name, self._graphs[r].plan) for r in self._ran)
             if sections != plan.sections:
-                self._plans[key] = ModelPlan(plan.budget_bytes, sections)
+                self._plans[key] = ModelPlan(plan.budget_bytes, sections, plan.planning_seconds)
         if self._stats.guard_failures:
             warnings.warn(f"actcompile: {self._stats.guard_failures} saved tensor(s) differed from the plan; "
                           "they were kept uncompressed", RuntimeWarning, stacklevel=2)

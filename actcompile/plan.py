@@ -361,6 +361,9 @@ class ModelPlan:
 
     budget_bytes: int
     sections: tuple[Section, ...]
+    # wall-clock seconds capture, profiling, calibration and the knapsack took (None: not planned
+    # here, e.g. read from JSON without it); not part of what the plan *is*, so not compared
+    planning_seconds: float | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
         _require(self.budget_bytes > 0, "ModelPlan", "budget_bytes", self.budget_bytes, "must be > 0")
@@ -399,14 +402,14 @@ class ModelPlan:
         raise KeyError(f"no graph {graph!r} in this plan; graphs: {[s.graph for s in self.sections]}")
 
     def to_json(self) -> str:
-        return json.dumps({"budget_bytes": self.budget_bytes,
+        return json.dumps({"budget_bytes": self.budget_bytes, "planning_seconds": self.planning_seconds,
                            "sections": [{"graph": s.graph, "plan": json.loads(s.plan.to_json())}
                                         for s in self.sections]}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "ModelPlan":
         data = json.loads(text)
-        return cls(budget_bytes=data["budget_bytes"],
+        return cls(budget_bytes=data["budget_bytes"], planning_seconds=data.get("planning_seconds"),
                    sections=tuple(Section(s["graph"], Plan.from_dict(s["plan"])) for s in data["sections"]))
 
     def __str__(self) -> str:
@@ -415,4 +418,5 @@ class ModelPlan:
             section_rows = s.plan.region_rows() or [("", "(nothing compressed)", "", "", "", "")]
             rows += [(s.graph,) + row for row in section_rows]
         graphs = f"{len(self.sections)} graph{'s' if len(self.sections) != 1 else ''}"
-        return _table(rows, f"{_footer(self)} | {graphs}")
+        took = "" if self.planning_seconds is None else f" | planned in {self.planning_seconds:.2f} s"
+        return _table(rows, f"{_footer(self)} | {graphs}{took}")

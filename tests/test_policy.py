@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from actcompile.codecs import get_codec
 from actcompile.config import CompileConfig, parse_budget
@@ -145,3 +146,75 @@ def test_a_byte_budget_just_above_the_storages_leaves_room_for_autograds_records
     assert plan.planned_bytes + 100 * 1024 <= plan.budget_bytes
     whole = dataclasses.replace(cfg, budget=parse_budget(1.0))   # a fraction of 1: as it is
     assert choose_plan(profile, whole, calib(profile, ERRORS)).assignments == ()
+
+
+def test_slice_coded_codecs_calibrate_on_a_sample_that_predicts_the_whole():
+    """Quantizers, DCT, FFT low-pass and thresholding are measured on evenly spaced slices (the
+    variable-rate ones' bytes scaled up): close to the full tensor's numbers at a fraction of the
+    values. Low-rank codecs and the mask are measured on the whole tensor."""
+    from actcompile.codecs import get_codec
+    from actcompile.passes.calibrate import SAMPLE_VALUES, measure, representative_sample
+
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.randn(32, 16, 1, 64, generator=g).cumsum(-1) * torch.randn(32, 16, 64, 1, generator=g).cumsum(-2)
+    sample = representative_sample(smooth)
+    assert sample.numel() <= 2 * SAMPLE_VALUES < smooth.numel() and sample.shape[-2:] == smooth.shape[-2:]
+    for name in ("dct", "fft_lowpass", "threshold"):
+        codec = get_codec(name, epsilon=0.2)
+        full_error, full_bytes = measure(codec, smooth)
+        error, nbytes = measure(codec, smooth, sample)
+        assert abs(error - full_error) <= 0.25 * full_error, f"{name}: sampled error {error:.3g} vs {full_error:.3g}"
+        assert abs(nbytes - full_bytes) <= 0.25 * full_bytes, f"{name}: sampled bytes {nbytes} vs {full_bytes}"
+    for name in ("int8", "int4", "fp8"):   # fixed rate: the bytes are exact, the error close
+        codec = get_codec(name)
+        full_error, full_bytes = measure(codec, smooth)
+        error, nbytes = measure(codec, smooth, sample)
+        assert nbytes == full_bytes, f"{name}: {nbytes} B from the sample, {full_bytes} B packed"
+        assert abs(error - full_error) <= 0.25 * full_error, f"{name}: sampled error {error:.3g} vs {full_error:.3g}"
+    for name in ("svd", "hosvd"):   # low rank: the rank across the batch is part of the code
+        codec = get_codec(name, epsilon=0.2)
+        assert measure(codec, smooth, sample) == measure(codec, smooth), name
+    # mask: kept only where exact; a sample disproves that (error > 0, never 0), only the whole proves it
+    mask = get_codec("mask")
+    error, nbytes = measure(mask, smooth, sample)
+    assert error > 0 and nbytes == measure(mask, smooth)[1]
+    two_valued = (smooth > 0).float() * 2.5
+    assert measure(mask, two_valued, representative_sample(two_valued)) == (0.0, measure(mask, two_valued)[1])
+    almost = two_valued.clone()
+    almost[1, 1, 0, 0] = 1.0   # a third value outside every sampled slice: the whole tensor is measured
+    assert measure(mask, almost, representative_sample(almost))[0] > 0
+
+
+def test_plans_say_how_long_planning_took():
+    from actcompile import explain
+    from actcompile.plan import ModelPlan
+
+    net = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Tanh(), torch.nn.Linear(256, 10))
+    plan = explain(net, torch.randn(64, 256), budget=0.5)
+    assert plan.planning_seconds is not None and 0 < plan.planning_seconds < 60, plan.planning_seconds
+    assert f"planned in {plan.planning_seconds:.2f} s" in str(plan)
+    again = ModelPlan.from_json(plan.to_json())
+    assert again == plan and again.planning_seconds == plan.planning_seconds
+
+
+@pytest.mark.parametrize("name", ["svd", "hosvd"])
+def test_low_rank_codecs_predict_error_and_bytes_from_sampled_gram_matrices(name):
+    """On a large tensor the low-rank codecs are not decomposed at calibration: their bytes are
+    predicted from Gram matrices of sampled fibres, close to what packing measures, and their
+    error is ε, the bound packing keeps to."""
+    from actcompile.codecs import get_codec
+    from actcompile.codecs.base import packed_bytes, relative_error
+
+    g = torch.Generator().manual_seed(0)
+    # rank ~6 across the batch and the channels, smooth along the image, plus a little noise
+    x = torch.einsum("bk,ck,khw->bchw", torch.randn(64, 6, generator=g), torch.randn(32, 6, generator=g),
+                     torch.randn(6, 48, 48, generator=g).cumsum(-1).cumsum(-2) / 48)
+    x = x + 0.02 * x.std() * torch.randn(x.shape, generator=g)
+    codec = get_codec(name, epsilon=0.2)
+    predicted = codec.estimate(x)
+    assert predicted is not None, "a 4.7M-value tensor is predicted, not measured"
+    packed = codec.pack(x)
+    error, nbytes = relative_error(x, codec.unpack(packed)), packed_bytes(packed)
+    assert predicted[0] == 0.2 and error <= 0.2, (predicted, error)   # the bound pack keeps to
+    assert 0.5 * nbytes <= predicted[1] <= 2 * nbytes, f"{name}: predicted {predicted[1]} B, packed {nbytes} B"
+    assert codec.estimate(x[:2, :4]) is None   # small: measured instead

@@ -114,6 +114,10 @@ class VariableRate:
     max_bytes: int | None = None
 
     DEFAULT_EPSILON: ClassVar[float] = 0.1
+    # Error and bytes per value are the same on evenly spaced slices of the leading dims (each
+    # slice is coded alike: blocks, per-image transforms, elementwise): calibration may measure
+    # a sample (passes/calibrate.py). Not so for low rank, whose batch mode is part of the code.
+    calibrates_on_slices: ClassVar[bool] = True
 
     def _size_option(self):
         """The codec's own fixed-size option (a keep fraction, a rank), or None."""

@@ -62,6 +62,7 @@ class _GroupQuantCodec:
     bits: ClassVar[int]
     fixed_rate: ClassVar[bool] = True
     default_enabled: ClassVar[bool] = True
+    calibrates_on_slices: ClassVar[bool] = True   # groups are coded alike: error measured on a sample
     epsilon: float | None = None
     group_size: int = 256
     stochastic: bool = False
@@ -167,6 +168,7 @@ if hasattr(torch, "float8_e4m3fn"):   # registered only where this torch build h
         name: ClassVar[str] = "fp8"
         fixed_rate: ClassVar[bool] = True
         default_enabled: ClassVar[bool] = True
+        calibrates_on_slices: ClassVar[bool] = True
         sign_exact: ClassVar[bool] = True
         epsilon: float | None = None
         group_size: int = 256
