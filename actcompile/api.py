@@ -86,14 +86,15 @@ def make_config(budget, codecs=None, **options) -> CompileConfig:
     return CompileConfig(budget=parse_budget(budget), codecs=codecs or (), **options)
 
 
-def _calibrated(graph: CapturedGraph, config: CompileConfig):
+def _calibrated(graph: CapturedGraph, config: CompileConfig, whole: frozenset = frozenset()):
     """``(profile, calibration, shares)`` of one captured graph: what it saves, each codec's error
-    on it, and (with ``error_weighting="gradient"``) each saved tensor's gradient share."""
+    on it, and (with ``error_weighting="gradient"``) each saved tensor's gradient share.
+    ``whole``: ``(node, ordinal)`` keys calibrated on the whole tensor (their plan drifted)."""
     profile = profile_memory(graph)
     candidates, _ = split_candidates(profile, config)
     choices = {(t.node, t.ordinal): codec_choices(t, config) for t in candidates}
     expected = {(t.node, t.ordinal): (t.shape, t.dtype) for t in candidates}
-    calibration = calibrate(graph, {k: v for k, v in choices.items() if v}, expected)
+    calibration = calibrate(graph, {k: v for k, v in choices.items() if v}, expected, whole)
     shares = gradient_shares(graph) if config.error_weighting == "gradient" and candidates else None
     return profile, calibration, shares
 
@@ -194,6 +195,7 @@ class ActCompiledModule(nn.Module):
         self.__dict__["_stats"] = None
         self.__dict__["_ready"] = set()    # signatures planned (or adopted) in this process
         self.__dict__["_stale"] = set()    # signatures whose plan drifted: re-planned at their next forward
+        self.__dict__["_pinned"] = set()   # signatures given a plan with use_plan(): never re-planned here
         self.__dict__["_forwards"] = 0     # compressed training forwards run (drift checks count them)
         self.__dict__["drifts"] = []       # every Drift found, oldest first
 
@@ -223,7 +225,7 @@ class ActCompiledModule(nn.Module):
             repeats = [sum(1 for g in graphs if g.runner is n.runner) for n in new]
             fixed = sum(self._graphs[g.runner].plan.planned_bytes for g in graphs if g.runner in self._graphs)
             with preserved_state(self._original):
-                measured = [_calibrated(g, self.compile_config) for g in new]
+                measured = [_calibrated(g, self.compile_config, self._drifted_keys(g.name)) for g in new]
             plans = choose_plans([p for p, _, _ in measured], self.compile_config, [c for _, c, _ in measured],
                                  fixed_bytes=fixed, repeats=repeats, shares=[s for _, _, s in measured])
             for g, p in zip(new, plans):
@@ -258,6 +260,7 @@ class ActCompiledModule(nn.Module):
                                  "with actcompile()/explain() instead")
         self._plans[key] = plan
         self._ready.add(key)
+        self._pinned.add(key)
         self.__dict__["_ratio"] = plan.budget_bytes / max(plan.baseline_bytes, 1)
         self.__dict__["_last"] = key
 
@@ -279,7 +282,7 @@ class ActCompiledModule(nn.Module):
         graph = CapturedGraph(runner, flat_inputs, input_kinds(runner, flat_inputs, self._original, args, kwargs))
         ratio = min(1.0, self._ratio if self._ratio is not None else 1.0)
         config = dataclasses.replace(self.compile_config, budget=Budget(fraction=max(ratio, 1e-9)))
-        profile, calibration, shares = _calibrated(graph, config)
+        profile, calibration, shares = _calibrated(graph, config, self._drifted_keys(runner.name))
         (plan,) = choose_plans([profile], config, [calibration], shares=[shares])
         state = self._state(runner.gm, plan)
         self._graphs[runner] = state
@@ -319,15 +322,28 @@ class ActCompiledModule(nn.Module):
         found = []
         for a in plan.assignments:
             got = measured.get((a.node, a.ordinal))
-            if got is None or a.exact_by_use:
+            # exact by use: the flag, or (plans written before it) the mask variant exact_for makes
+            if got is None or a.exact_by_use or dict(a.options).get("predicate_only"):
                 continue
             if not got <= tolerance * a.error + DRIFT_SLACK:   # NaN drifts too
                 found.append(Drift(self._forwards, graph, a.node, a.ordinal, a.codec, a.error, got))
         return found
 
+    def _drifted_keys(self, graph: str) -> frozenset:
+        """``(node, ordinal)`` of the tensors of ``graph`` that ever drifted: calibrated on the
+        whole tensor from then on (a sample or an estimate that misled once would mislead again)."""
+        return frozenset((d.node, d.ordinal) for d in self.drifts if d.graph == graph)
+
     def _replan_after(self, key, drifts: list[Drift]) -> None:
-        """Warn, and plan signature ``key`` again at its next forward, calibrated on that forward's values."""
+        """Warn, and plan signature ``key`` again at its next forward, calibrated on that forward's
+        values (the drifted tensors on their whole); a plan given with :meth:`use_plan` (the same
+        on every rank) is kept: the warning says so."""
         shown = "; ".join(map(str, drifts[:5])) + (f"; … (+{len(drifts) - 5})" if len(drifts) > 5 else "")
+        if key in self._pinned:
+            warnings.warn(f"actcompile: {len(drifts)} packed tensor(s) no longer match their plan ({shown}); "
+                          "the plan came from use_plan(), so it is kept: re-plan (explain()) and use_plan() "
+                          "the new one on every rank", PlanDriftWarning, stacklevel=3)
+            return
         warnings.warn(f"actcompile: {len(drifts)} packed tensor(s) no longer match their plan ({shown}); "
                       "the next forward re-calibrates and re-plans", PlanDriftWarning, stacklevel=3)
         for runner in self._ran:
@@ -394,8 +410,8 @@ class ActCompiledModule(nn.Module):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        for derived in ("_forward", "_graphs", "_ratio", "_call", "_ran", "_stats", "_ready", "_stale", "_forwards",
-                        "drifts"):
+        for derived in ("_forward", "_graphs", "_ratio", "_call", "_ran", "_stats", "_ready", "_stale", "_pinned",
+                        "_forwards", "drifts"):
             state.pop(derived, None)   # rebuilt: the kept plans are adopted on the next call
         return state
 

@@ -236,7 +236,6 @@ def registered_backend(gm: torch.fx.GraphModule, example_inputs, options: dict |
 
 
 _REGISTERED: dict[int, tuple[dict, ActCompileBackend]] = {}
-_ONLY_OURS = 3   # references to an options dict held only here: the table's tuple, a local, getrefcount's argument
 
 
 def _forget_finished_calls() -> None:
@@ -244,14 +243,25 @@ def _forget_finished_calls() -> None:
 
     The compiled callable holds its options dict (``torch._TorchCompileWrapper.kwargs``); once
     it is collected, only this table refers to the dict, and no graph can ask for its backend
-    again. A dict cannot be weakly referenced, so its reference count says so (CPython).
+    again. A dict cannot be weakly referenced, so its reference count says so: a probe dict
+    held exactly as the table holds its entries gives the count meaning "only ours" on this
+    interpreter (it differs between CPython versions). Where counts are not reliable (no
+    ``sys.getrefcount``, or a free-threaded build) nothing is dropped.
 
     >>> _REGISTERED[-1] = ({"budget": 0.5}, None)   # a call nothing holds any more
     >>> _forget_finished_calls(); -1 in _REGISTERED
     False
     """
-    for key, (options, _) in list(_REGISTERED.items()):
-        if sys.getrefcount(options) <= _ONLY_OURS:
+    gil = getattr(sys, "_is_gil_enabled", lambda: True)()
+    if not hasattr(sys, "getrefcount") or not gil:
+        return
+    probe = {}
+    _REGISTERED[id(probe)] = (probe, None)
+    del probe
+    counts = {key: sys.getrefcount(options) for key, (options, _) in list(_REGISTERED.items())}
+    only_ours = min(counts.values())   # the probe's: nothing but the table holds it
+    for key, count in counts.items():
+        if count <= only_ours:
             del _REGISTERED[key]
 
 

@@ -36,7 +36,7 @@ import warnings
 import torch
 import torch.fx
 
-from actcompile.codecs.base import TensorSpec, packed_bytes, relative_error
+from actcompile.codecs.base import TensorSpec, packed_bytes, relative_error, strided_sample
 from actcompile.errors import ActCompileError, PlanDriftWarning
 from actcompile.runtime import packable_view
 from actcompile.passes.capture import CapturedGraph
@@ -47,24 +47,16 @@ SAMPLE_VALUES = 1 << 16   # about this many values of a tensor calibrate a codec
 
 
 def representative_sample(x: torch.Tensor) -> torch.Tensor:
-    """Evenly spaced slices of ``x``'s leading dims (all but the last two, which a codec may
-    transform), about :data:`SAMPLE_VALUES` values; ``x`` itself if it is small or has no such dims.
+    """Evenly spaced slices of ``x``'s leading dims (all but the last two, three for 5-D tensors:
+    the dims a codec may transform), about :data:`SAMPLE_VALUES` values; ``x`` itself if it is
+    small or has no such dims.
 
     >>> representative_sample(torch.zeros(32, 64, 16, 16)).shape    # every 3rd image and channel
     torch.Size([11, 22, 16, 16])
     >>> representative_sample(torch.zeros(32, 16, 64, 64)).shape    # every 6th image, every 5th channel
     torch.Size([6, 4, 64, 64])
     """
-    wanted = x.numel() / SAMPLE_VALUES
-    if wanted < 2 or x.dim() < 3:
-        return x
-    index = [slice(None)] * x.dim()
-    leading = x.dim() - 2
-    for dim in range(leading):   # spread over every leading dim: one image's statistics are not the batch's
-        step = min(x.shape[dim], max(1, round(wanted ** (1 / (leading - dim)))))
-        index[dim] = slice(None, None, step)
-        wanted /= step
-    return x[tuple(index)].contiguous()
+    return strided_sample(x, SAMPLE_VALUES, kept_dims=3 if x.dim() >= 5 else 2).contiguous()   # DCT: D, H, W
 
 
 def measure(codec, x: torch.Tensor, sample: torch.Tensor | None = None) -> tuple[float, int]:
@@ -84,23 +76,31 @@ def measure(codec, x: torch.Tensor, sample: torch.Tensor | None = None) -> tuple
         error = relative_error(sample, codec.unpack(packed))
         if error != 0.0:
             return error, codec.packed_nbytes(TensorSpec.of(x))
-    if sample is not None and sample is not x and getattr(codec, "calibrates_on_slices", False):
+    capped = getattr(codec, "max_bytes", None) is not None   # a cap would not bind on a sample
+    if sample is not None and sample is not x and getattr(codec, "calibrates_on_slices", False) and not capped:
         packed = codec.pack(sample)
         if codec.fixed_rate:
             nbytes = codec.packed_nbytes(TensorSpec.of(x))
         else:
             nbytes = math.ceil(packed_bytes(packed) * x.numel() / sample.numel())
         return relative_error(sample, codec.unpack(packed)), nbytes
+    return measure_whole(codec, x)
+
+
+def measure_whole(codec, x: torch.Tensor) -> tuple[float, int]:
+    """``(relative error, packed bytes)`` of ``codec`` packing all of ``x``."""
     packed = codec.pack(x)
     return relative_error(x, codec.unpack(packed)), packed_bytes(packed)
 
 
 def calibrate(graph: CapturedGraph, choices: dict[Key, list],
-              expected: dict[Key, tuple] | None = None) -> dict[Key, list[tuple[object, float, int]]]:
+              expected: dict[Key, tuple] | None = None,
+              whole: frozenset = frozenset()) -> dict[Key, list[tuple[object, float, int]]]:
     """For each ``(node, ordinal)`` in ``choices``: ``[(codec, relative error, packed bytes), ...]``.
 
     Runs ``graph`` on the real inputs it was captured with. ``expected`` maps keys to the
-    ``(shape, dtype)`` the profile predicted; a mismatch raises.
+    ``(shape, dtype)`` the profile predicted; a mismatch raises. Keys in ``whole`` are measured
+    on the whole tensor, never a sample or an estimate (a tensor whose plan drifted).
     """
     results: dict[Key, list] = {}
 
@@ -118,8 +118,11 @@ def calibrate(graph: CapturedGraph, choices: dict[Key, list],
         with torch.no_grad(), warnings.catch_warnings():
             # a narrow dtype the values do not fit is expected here: measured as no saving, not warned
             warnings.simplefilter("ignore", PlanDriftWarning)
-            sample = representative_sample(x)
-            results[key] = [(codec, *measure(codec, x, sample)) for codec in codecs]
+            if key in whole:
+                results[key] = [(codec, *measure_whole(codec, x)) for codec in codecs]
+            else:
+                sample = representative_sample(x)
+                results[key] = [(codec, *measure(codec, x, sample)) for codec in codecs]
 
     record_saves(graph.gm, graph.flat_inputs, on_save, fake=False, input_kinds=graph.input_kinds)
     missing = set(choices) - set(results)

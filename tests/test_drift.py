@@ -121,3 +121,20 @@ def test_quantizers_on_new_batches_raise_no_false_alarm():
 def test_bad_check_options_are_named(options, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         actcompile(Mlp(), budget=0.5, **options)
+
+
+def test_a_plan_given_with_use_plan_is_kept_and_the_warning_says_so():
+    """use_plan() is how every rank runs one plan: a drift warns, and the plan stays (a local
+    re-plan would make the ranks differ)."""
+    from actcompile import explain
+
+    torch.manual_seed(0)
+    model = ZeroGate()
+    x, _ = batch(0)
+    plan = explain(model, x, budget=0.3)
+    wrapped = actcompile(model, budget=0.3, check_every=2, compile_codecs=False)
+    wrapped.use_plan(plan, x)
+    with pytest.warns(PlanDriftWarning, match="use_plan"):
+        train(wrapped, model, steps=4)
+    assert wrapped.drifts and gate_codec(wrapped) == ["mask"] and wrapped.plan.assignments == plan.assignments
+    assert wrapped._drifted_keys(wrapped.drifts[0].graph) == {("mul", 1)}   # calibrated whole if re-planned

@@ -218,3 +218,9 @@ def test_low_rank_codecs_predict_error_and_bytes_from_sampled_gram_matrices(name
     assert predicted[0] == 0.2 and error <= 0.2, (predicted, error)   # the bound pack keeps to
     assert 0.5 * nbytes <= predicted[1] <= 2 * nbytes, f"{name}: predicted {predicted[1]} B, packed {nbytes} B"
     assert codec.estimate(x[:2, :4]) is None   # small: measured instead
+
+
+def test_svd_measures_where_a_sample_cannot_show_the_short_sides_rank():
+    from actcompile.codecs import get_codec
+
+    assert get_codec("svd", epsilon=0.2).estimate(torch.randn(4096, 1024)) is None

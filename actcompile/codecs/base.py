@@ -91,6 +91,26 @@ def packed_bytes(packed) -> int:
     return 0
 
 
+def strided_sample(x: torch.Tensor, values: int, kept_dims: int = 1) -> torch.Tensor:
+    """A view of evenly spaced slices of ``x``'s leading dims (all but the last ``kept_dims``),
+    about ``values`` elements, spread over every leading dim (one image's statistics are not the
+    batch's); ``x`` itself if it is under twice that or has no leading dims.
+
+    >>> strided_sample(torch.zeros(64, 1000), 4096).shape
+    torch.Size([4, 1000])
+    """
+    wanted = x.numel() / values
+    leading = x.dim() - kept_dims
+    if wanted < 2 or leading < 1:
+        return x
+    index = [slice(None)] * x.dim()
+    for dim in range(leading):
+        step = min(x.shape[dim], max(1, round(wanted ** (1 / (leading - dim)))))
+        index[dim] = slice(None, None, step)
+        wanted /= step
+    return x[tuple(index)]
+
+
 def relative_error(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     """‖x − x̂‖₂ / ‖x‖₂ in float64 (0 when both are zero)."""
     x64, y64 = x.detach().double(), x_hat.detach().double()

@@ -135,6 +135,8 @@ class SVDCodec(VariableRate):
         short, long = (matrix, m) if n <= m else (matrix.T, n)
         step = max(1, short.shape[0] * long // ESTIMATE_VALUES)
         sample = short[:, ::step]
+        if sample.shape[1] < 4 * short.shape[0]:   # too few columns to show the short side's rank: measure
+            return None
         values, _ = _spectrum(sample @ sample.T)
         values = values * (total / max(values.sum().item(), 1e-300))   # scaled to the whole's energy
         k = min(self._max_rank(n, m, x.dtype.itemsize), energy_cut(values, total, self.target_epsilon))
@@ -215,9 +217,9 @@ def _sampled_energies(core: torch.Tensor, mode: int, budget: int = SAMPLE_VALUES
     stride = fibres * d // budget
     if stride < 2 or fibres // stride < 2 * d:
         return None
-    along = min(stride, after)               # stride the fibres within each matrix first,
-    across = max(1, stride // along)         # then the matrices
-    sample = m[::across, :, ::along].transpose(0, 1).reshape(d, -1)   # a copy of ~SAMPLE_VALUES values
+    # every stride-th fibre in flat order, so fibres inside each matrix are spread, not only its first
+    index = torch.arange(0, fibres, stride, device=core.device)
+    sample = m[index // after, :, index % after].T   # (d, fibres sampled): a copy of ~budget values
     values, _ = _spectrum(sample @ sample.T)
     return values * (fibres / sample.shape[1])
 
@@ -365,8 +367,9 @@ class HOSVDCodec(VariableRate):
     def estimate(self, x: torch.Tensor) -> tuple[float, int] | None:
         """``(error, bytes)`` at ``epsilon`` without the decomposition: every mode's rank from
         :func:`_sampled_energies` of ``x`` itself (the error budget shared as :meth:`_decompose`
-        shares it, the same modes kept whole, and so is a mode too long for a sample of its
-        fibres); ``None`` (measure instead) for tensors too small to sample or a size option. The error is ``epsilon`` (0 if every mode is kept whole), as
+        shares it; a mode a sample says keeps over half its rank is kept whole, as in pack, and
+        so is a mode too long for this smaller sample, which pack may still truncate: bytes then
+        over-predicted); ``None`` (measure instead) for tensors too small to sample or a size option. The error is ``epsilon`` (0 if every mode is kept whole), as
         in :meth:`SVDCodec.estimate`."""
         dims = self._dims(tuple(x.shape))
         if self.target_epsilon is None or x.numel() < 4 * ESTIMATE_VALUES:

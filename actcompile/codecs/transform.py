@@ -8,9 +8,11 @@ with a 1- or 2-byte position each). The paper this comes from describes 16×16 b
 code transforms only the last axis; this transforms every spatial axis. The count kept per block
 comes from ``epsilon`` (orthonormal: dropped energy is exactly the squared error), ``keep`` or
 ``max_bytes``. Blocks at a border are zero-padded: those coefficients are counted honestly.
-An ``epsilon`` that needs over 3/4 of every block (estimated on a sample of blocks) stores the
-tensor as it is: exact, at most 4/3 the DCT's bytes, at a copy's cost instead of 10-30× (at
-ε 0.05 the photos of ``benchmarks/codecs.py`` need ~90%: 1.11× smaller at 19-34× a copy).
+An ``epsilon`` that a sample of blocks says needs over 1/2 of every block (3/4 with a 1.5×
+margin for the sample's under-count) stores the tensor as it is: exact, at most 2× the DCT's
+bytes, at a copy's cost instead of 10-30× (at ε 0.05 the photos of ``benchmarks/codecs.py``
+need ~90%: 1.11× smaller at 19-34× a copy). Such an option is no smaller than the tensor, so the
+policy never picks it: the policy loses DCTs that were 1.3-2× smaller there, not memory.
 
 ``fft_lowpass`` (band-limited storage) takes ``rfft`` over the last two dims at their exact size
 (no power-of-2 padding), keeps the low-frequency block ``|f_h| < k_h, f_w < k_w`` chosen by
