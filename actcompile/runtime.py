@@ -155,7 +155,6 @@ class _Session:
         self.stats.raw_bytes_replaced += storage.nbytes()
         return (holder, tuple(t.shape), t.stride(), t.storage_offset())
 
-
     def _check(self, eager, codec, whole: torch.Tensor, payload) -> None:
         """Record the codec's error on ~:data:`CHECK_VALUES` evenly spaced values of ``whole``.
 
