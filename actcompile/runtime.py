@@ -121,8 +121,12 @@ class _Session:
         self.measure = measure
         self.node: str | None = None
         self.ordinal = 0
-        # storage -> its packed form; shared by the graphs of one forward (see sharing_packed)
-        self.packed: dict[int, tuple[StorageWeakRef, _PackedStorage]] = {} if packed is None else packed
+        # storage -> its packed form; shared by the graphs of one forward (see sharing_packed).
+        # Weak: every SavedVariable keeps its pack hook (this session's bound method) alive until
+        # it is released, so a strong reference here kept every packed payload alive until the
+        # graph's last saved tensor was freed, not each until its own last use in backward
+        # (GPT-2-small at 1/4: backward peak 421.8 MB against uncompressed eager's 359.2).
+        self.packed: dict[int, tuple[StorageWeakRef, weakref.ref]] = {} if packed is None else packed
         self.stats = RuntimeStats()
 
     def pack(self, t: torch.Tensor):
@@ -133,8 +137,9 @@ class _Session:
         if self.node is not None:
             planned = self.table.get((self.node, self.ordinal))
             self.ordinal += 1
-        if known is not None and not known[0].expired():
-            return (known[1], tuple(t.shape), t.stride(), t.storage_offset())
+        holder = known[1]() if known is not None and not known[0].expired() else None
+        if holder is not None:
+            return (holder, tuple(t.shape), t.stride(), t.storage_offset())
         if planned is not None and (tuple(t.shape) != planned.shape or t.dtype != planned.dtype):
             self.stats.guard_failures += 1
             planned = None
@@ -149,7 +154,7 @@ class _Session:
         if self.measure:   # a drift check: does the codec still do on this tensor what was planned?
             self._check(eager, codec, whole, payload)
         holder = _PackedStorage(codec, payload, tuple(whole.shape), whole.stride())
-        self.packed[key.cdata] = (key, holder)
+        self.packed[key.cdata] = (key, weakref.ref(holder))
         self.stats.packed_tensors += 1
         self.stats.packed_bytes += getattr(codec, "payload_bytes", None) or packed_bytes(payload)
         self.stats.raw_bytes_replaced += storage.nbytes()

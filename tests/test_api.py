@@ -143,6 +143,33 @@ def test_storage_saved_by_two_ops_is_packed_once():
     assert stats.packed_bytes == assignment.bytes_after
 
 
+
+def test_each_packed_payload_is_freed_after_its_last_use_in_backward():
+    """Backward frees packed payloads as it goes, as autograd frees saved tensors: the deepest
+    layers' payloads are gone before the first layers' backward runs (they used to live until the
+    whole graph was freed, because every saved tensor's pack hook held the forward's session)."""
+    import gc
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(256, 256), nn.GELU())], nn.Linear(256, 4))
+    x = torch.randn(128, 256)
+    compiled = actcompile(model, budget=0.25, example_inputs=x, codecs=["int8", "int4"])
+    compiled(x).sum().backward()
+
+    def live_payload_bytes():
+        return sum(runtime.packed_bytes(o.payload) for o in gc.get_objects() if type(o) is runtime._PackedStorage)
+
+    out = compiled(x)
+    after_forward = live_payload_bytes()
+    assert after_forward >= compiled.last_stats.packed_bytes > 0
+    seen = []   # live payload bytes when each Linear's weight gradient is ready, last layer first
+    for layer in model[::2]:
+        layer.weight.register_hook(lambda g: seen.append(live_payload_bytes()))
+    out.sum().backward()
+    assert seen == sorted(seen, reverse=True)
+    assert seen[len(seen) // 2] < 0.75 * after_forward   # halfway through backward, most are freed
+    assert seen[-1] == 0
+
 def test_replans_per_input_signature():
     model, x = small_cnn()
     compiled = actcompile(model, budget=0.25)
