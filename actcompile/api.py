@@ -69,10 +69,19 @@ _OPTION_NAMES = {f.name for f in dataclasses.fields(CompileConfig)} - {"budget",
 
 
 def make_config(budget, codecs=None, **options) -> CompileConfig:
-    """A :class:`CompileConfig` from what a user passes; every mistake named with what is accepted."""
+    """A :class:`CompileConfig` from what a user passes; every mistake named with what is accepted.
+
+    Exactly one of ``budget`` and ``tolerance=`` (the predicted gradient error to stay under,
+    planned at the least memory; the budget is then the whole baseline)."""
     unknown = set(options) - _OPTION_NAMES
     if unknown:
         raise TypeError(f"unknown option(s) {sorted(unknown)}; accepted: {sorted(_OPTION_NAMES)}")
+    if (budget is None) == (options.get("tolerance") is None):
+        raise TypeError("give exactly one of budget= (bytes such as '2GB', or a fraction of the baseline such "
+                        "as 0.25) and tolerance= (the parameter gradient's predicted relative error, such as "
+                        f"0.01); got budget={budget!r}, tolerance={options.get('tolerance')!r}")
+    if budget is None:
+        budget = 1.0
     if codecs == "all":
         codecs = default_codecs(everything=True)
     elif codecs is not None:
@@ -95,11 +104,12 @@ def _calibrated(graph: CapturedGraph, config: CompileConfig, whole: frozenset = 
     choices = {(t.node, t.ordinal): codec_choices(t, config) for t in candidates}
     expected = {(t.node, t.ordinal): (t.shape, t.dtype) for t in candidates}
     calibration = calibrate(graph, {k: v for k, v in choices.items() if v}, expected, whole)
-    shares = gradient_shares(graph) if config.error_weighting == "gradient" and candidates else None
+    weighted = config.error_weighting == "gradient" or config.tolerance is not None
+    shares = gradient_shares(graph) if weighted and candidates else None
     return profile, calibration, shares
 
 
-def explain(model: nn.Module, example_inputs, budget, codecs=None, **options) -> ModelPlan:
+def explain(model: nn.Module, example_inputs, budget=None, codecs=None, **options) -> ModelPlan:
     """The :class:`ModelPlan` ``actcompile`` would make for ``model`` on ``example_inputs``; rewrites nothing."""
     wrapper = ActCompiledModule(model, make_config(budget, codecs, **options))
     args, kwargs = normalize_inputs(model, example_inputs)
@@ -232,6 +242,8 @@ class ActCompiledModule(nn.Module):
                 self._graphs[g.runner] = self._state(g.gm, p)
             baseline = fixed + sum(p.baseline_bytes * r for p, r in zip(plans, repeats))
             budget_bytes = self.compile_config.budget.resolve(baseline)
+            if self.compile_config.tolerance is not None:   # the bytes the tolerance needs
+                budget_bytes = fixed + sum(p.budget_bytes * r for p, r in zip(plans, repeats))
             plan = ModelPlan(budget_bytes, tuple(Section(g.name, self._graphs[g.runner].plan) for g in graphs),
                              planning_seconds=time.perf_counter() - started)
         self.__dict__["_ratio"] = plan.budget_bytes / max(plan.baseline_bytes, 1)
@@ -421,14 +433,17 @@ class ActCompiledModule(nn.Module):
 
     def extra_repr(self) -> str:
         config = self.compile_config
-        return f"budget={config.budget}, codecs={[c.name for c in config.codecs]}"
+        goal = f"tolerance={config.tolerance:g}" if config.tolerance is not None else f"budget={config.budget}"
+        return f"{goal}, codecs={[c.name for c in config.codecs]}"
 
 
-def actcompile(model: nn.Module, budget, example_inputs=None, codecs=None, **options) -> ActCompiledModule:
+def actcompile(model: nn.Module, budget=None, example_inputs=None, codecs=None, **options) -> ActCompiledModule:
     """Return ``model`` with its saved activations compressed to fit ``budget``; see the module doc.
 
     ``budget``: ``"2GB"`` (10⁹), ``"2GiB"`` (2³⁰), an int of bytes, or a float in (0, 1] of the
-    uncompressed activation bytes. ``example_inputs`` (a tensor, a tuple of args or a dict of
+    uncompressed activation bytes. Or, instead, ``tolerance=0.01``: the least memory whose
+    predicted parameter-gradient error (``plan.predicted_gradient_error``, from one probe
+    backward's gradient shares) stays ≤ 0.01. ``example_inputs`` (a tensor, a tuple of args or a dict of
     kwargs) plans at once; otherwise the first training call plans. ``codecs`` restricts the
     codecs the policy may use (names or instances). ``options`` are :class:`CompileConfig` fields.
     """

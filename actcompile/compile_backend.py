@@ -170,10 +170,14 @@ class ActCompileBackend:
     """A ``torch.compile`` backend object; ``plans`` lists one :class:`Plan` per compiled graph,
     ``packed`` where each graph's packing landed (:class:`~actcompile.passes.inductor.PackedValue`)."""
 
-    def __init__(self, budget, codecs=None, **options):
+    def __init__(self, budget=None, codecs=None, **options):
         from actcompile.api import make_config
 
         self.config = make_config(budget, codecs, **options)
+        if self.config.tolerance is not None:
+            raise ValueError("tolerance= is not supported by the Inductor back end yet: the gradient shares it plans "
+                             "with come from an eager probe backward; give budget= (or use actcompile(model, "
+                             "tolerance=...), the eager back end)")
         self.plans: list[Plan] = []
         self.packed: list[list] = []
         self.forward_budget = ForwardBudget(self.config.budget)
@@ -217,7 +221,7 @@ def _checked_in_backward(compiled, forward_budget: ForwardBudget):
     return run
 
 
-def backend(budget, codecs=None, **options) -> ActCompileBackend:
+def backend(budget=None, codecs=None, **options) -> ActCompileBackend:
     """A backend for ``torch.compile(model, backend=...)`` with this budget and these options."""
     return ActCompileBackend(budget, codecs, **options)
 
@@ -267,7 +271,7 @@ def _forget_finished_calls() -> None:
 
 def _registered_for(options: dict | None) -> ActCompileBackend:
     options = dict(options or {})
-    if "budget" not in options:
+    if "budget" not in options and "tolerance" not in options:
         raise TypeError("torch.compile(backend='actcompile') needs options={'budget': ...}: a size such as "
                         "'2GB', an int of bytes, or a float in (0, 1] of the bytes Inductor would save")
-    return ActCompileBackend(options.pop("budget"), options.pop("codecs", None), **options)
+    return ActCompileBackend(options.pop("budget", None), options.pop("codecs", None), **options)

@@ -135,6 +135,10 @@ class CompileConfig:
     ``drift_tolerance`` × its planned error (+ :data:`DRIFT_SLACK`) warns and re-plans
     (:mod:`actcompile.api`: a tensor constant at planning, such as a zero-initialised gate, can
     look exactly compressible).
+    ``tolerance`` (instead of a budget; ``budget`` is then the whole baseline): the plan takes
+    the least bytes whose predicted gradient error, ``√(Σ w·ε²)`` with ``w`` each tensor's
+    gradient share (:mod:`actcompile.passes.sensitivity`, at least ``gradient_floor`` / the
+    number of shares), stays ≤ ``tolerance``.
     """
 
     budget: Budget
@@ -150,6 +154,7 @@ class CompileConfig:
     compile_codecs: bool = dataclasses.field(default_factory=_compile_codecs_default)
     check_every: int = 50
     drift_tolerance: float = 2.0
+    tolerance: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.budget, Budget):
@@ -174,6 +179,10 @@ class CompileConfig:
         if isinstance(self.check_every, bool) or not isinstance(self.check_every, int) or self.check_every < 0:
             raise ValueError(f"CompileConfig.check_every={self.check_every!r}: must be an int >= 0 "
                              "(training forwards between error checks; 0 turns them off)")
+        if self.tolerance is not None and (isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float))
+                                           or not 0.0 < self.tolerance < 1.0):
+            raise ValueError(f"CompileConfig.tolerance={self.tolerance!r}: must be a number in (0, 1) (the "
+                             "parameter gradient's predicted relative error the plan may reach), or None for a budget")
         if not self.drift_tolerance >= 1.0:
             raise ValueError(f"CompileConfig.drift_tolerance={self.drift_tolerance!r}: must be >= 1 "
                              "(how many times its planned error a codec may reach before re-planning)")

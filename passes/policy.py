@@ -44,7 +44,7 @@ from actcompile.errors import BudgetError
 from actcompile.plan import (RECOMPUTE, Assignment, MemoryProfile, Plan, Region, SavedTensor, Skip, SkipReason,
                              format_bytes)
 from actcompile.passes.rules import exact_for_use, recompute_candidates, split_candidates
-from actcompile.passes.solvers import Option, choose_options, smallest_total
+from actcompile.passes.solvers import Option, choose_options, choose_options_within, smallest_total
 
 Key = tuple[str, int]
 
@@ -68,6 +68,14 @@ def _options(t: SavedTensor, measured: list[tuple[object, float, int]]) -> list[
 
 
 def _weight(t: SavedTensor, config: CompileConfig, shares: dict | None) -> float:
+    if config.tolerance is not None:
+        # The predicted gradient error is √(Σ share·ε²): weigh by the share itself, so the plan's
+        # prediction stays under the tolerance, but never below gradient_floor / len(shares): a
+        # share of 0 (a zero-initialised head hides the trunk) is where training has not moved yet.
+        if not shares:
+            return 1.0
+        share = shares.get((t.node, t.ordinal), max(shares.values()))
+        return max(share, config.gradient_floor / len(shares))
     if config.error_weighting == "bytes":
         return float(t.nbytes)
     if config.error_weighting == "gradient" and shares:
@@ -127,6 +135,12 @@ class _GraphProblem:
         return cls(profile, candidates, skips, per_tensor, recomputes, inside_skips, fixed, reserve, items,
                    dict(shares or {}))
 
+    def share_of(self, t: SavedTensor) -> float | None:
+        """``t``'s gradient share; one the probe did not reach counts as the largest (as it is weighed)."""
+        if not self.shares:
+            return None
+        return self.shares.get((t.node, t.ordinal), max(self.shares.values()))
+
     def decode(self, chosen: list[int]) -> tuple[list[Assignment], list[Skip]]:
         """The assignments and skips of ``chosen`` (one option index per item of :attr:`items`)."""
         skips = list(self.skips)
@@ -149,7 +163,7 @@ class _GraphProblem:
                                           options=codec_options(codec), epsilon=codec.epsilon,
                                           bytes_before=t.nbytes, bytes_after=nbytes, error=error,
                                           shape=t.shape, dtype=t.dtype,
-                                          gradient_share=self.shares.get((t.node, t.ordinal)),
+                                          gradient_share=self.share_of(t),
                                           exact_by_use=exact_for_use(codec, t.uses)))
         for r, pick in zip(self.recomputes, chosen[n:]):
             if pick == 0:
@@ -198,13 +212,20 @@ def choose_plans(profiles: list[MemoryProfile], config: CompileConfig, calibrati
     # fraction of 1 means "as it is").
     records = sum(r * config.reserve_bytes_per_node * p.autograd_nodes for p, r in zip(profiles, repeats))
     met = baseline <= max(budget_bytes, 0) and (config.budget.fraction == 1.0 or baseline + records <= budget_bytes)
+    items = [item for problem in problems for item in problem.items]
+    fixed = fixed_bytes + sum(p.fixed for p in problems)
+    reserve = sum(p.reserve for p in problems)
+    if config.tolerance is not None:
+        if any(s is None and p.candidates for s, p in zip(shares, problems)):
+            raise ValueError("tolerance= needs each graph's gradient shares (passes/sensitivity.py); none were given")
+        chosen = choose_options_within(items, config.tolerance ** 2)
+        budget_bytes = fixed + reserve + sum(opts[i].nbytes for opts, i in zip(items, chosen))
+        met = False
     if met:
         decoded = [problem.decode([0] * len(problem.items)) for problem in problems]
     else:
-        items = [item for problem in problems for item in problem.items]
-        fixed = fixed_bytes + sum(p.fixed for p in problems)
-        reserve = sum(p.reserve for p in problems)
-        chosen = choose_options(items, budget_bytes - fixed - reserve)
+        if config.tolerance is None:
+            chosen = choose_options(items, budget_bytes - fixed - reserve)
         if chosen is None:
             smallest = fixed + reserve + sum(min(o.nbytes for o in opts) for opts in items)
             raise BudgetError(

@@ -1,4 +1,5 @@
-"""Multiple-choice knapsack over plain lists: one option per item, total size ≤ capacity, least cost.
+"""Multiple-choice knapsack over plain lists: one option per item, total size ≤ capacity, least cost
+(or, :func:`choose_options_within`, total cost ≤ a bound, least size).
 
 Greedy on each item's lower convex hull of (bytes, cost): every step from one hull point to the
 next saves bytes at a rising marginal cost per byte, so taking the globally cheapest step first
@@ -73,6 +74,42 @@ def choose_options(items: list[list[Option]], capacity: int) -> list[int] | None
         h, p = hulls[k], position[k]
         total -= items[k][h[p]].nbytes - items[k][h[p + 1]].nbytes
         position[k] = p + 1
+        push(k)
+    return [hulls[k][position[k]] for k in range(len(items))]
+
+
+def choose_options_within(items: list[list[Option]], max_cost: float) -> list[int]:
+    """Index of the chosen option per item: least total bytes whose total cost stays ≤ ``max_cost``.
+
+    The same path as :func:`choose_options` from the other end: hull steps are taken cheapest
+    cost-per-byte first while the total cost allows them; a step that would pass ``max_cost``
+    ends its item (its later steps cost more per byte), the others go on.
+
+    >>> items = [[Option(100, 0.0), Option(30, 1.0), Option(10, 5.0)], [Option(100, 0.0), Option(50, 0.1)]]
+    >>> choose_options_within(items, max_cost=1.1)
+    [1, 1]
+    >>> choose_options_within(items, max_cost=0.0)
+    [0, 0]
+    """
+    hulls = [_lower_hull(opts) for opts in items]
+    position = [0] * len(items)
+    cost = sum(items[k][h[0]].cost for k, h in enumerate(hulls))
+    heap = []
+
+    def push(k):
+        h, p = hulls[k], position[k]
+        if p + 1 < len(h):
+            a, b = items[k][h[p]], items[k][h[p + 1]]
+            heapq.heappush(heap, ((b.cost - a.cost) / (a.nbytes - b.nbytes), k, b.cost - a.cost))
+
+    for k in range(len(items)):
+        push(k)
+    while heap:
+        _, k, step_cost = heapq.heappop(heap)
+        if cost + step_cost > max_cost:
+            continue
+        cost += step_cost
+        position[k] += 1
         push(k)
     return [hulls[k][position[k]] for k in range(len(items))]
 

@@ -141,3 +141,47 @@ def test_the_gradient_floor_keeps_an_unreached_tensor_from_being_free():
     assert _weight(t, bare, shares) == 0.0
     with pytest.raises(ValueError, match="gradient_floor=2.*must be in \\[0, 1\\]"):
         CompileConfig(budget=parse_budget(0.5), gradient_floor=2)
+
+
+def measured_gradient_error(model, wrapped, x, outputs=5, seed=1):
+    """Relative error of all parameter gradients through ``wrapped`` against ``model``, random-tangent loss."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        tangent = torch.randn(x.shape[0], outputs)
+    ref = torch.autograd.grad((model(x) * tangent).sum(), list(model.parameters()))
+    got = torch.autograd.grad((wrapped(x) * tangent).sum(), list(model.parameters()))
+    a, b = torch.cat([g.flatten() for g in ref]), torch.cat([g.flatten() for g in got])
+    return float((a - b).norm() / a.norm())
+
+
+def test_tolerance_plans_the_least_memory_whose_predicted_gradient_error_stays_under_it():
+    torch.manual_seed(0)
+    model, x = ConvNet(), torch.randn(8, 3, 32, 32)
+    planned, measured = [], []
+    for tolerance in (0.3, 0.03, 0.003):
+        wrapped = actcompile.actcompile(model, tolerance=tolerance, example_inputs=x)
+        plan = wrapped.plan
+        assert plan.predicted_gradient_error is not None and plan.predicted_gradient_error <= tolerance
+        assert plan.planned_bytes <= plan.budget_bytes < plan.baseline_bytes + 64 * 1024
+        assert f"tolerance={tolerance:g}" in repr(wrapped)
+        wrapped(x).sum().backward()   # trains: the packed bytes are what was planned
+        stats = wrapped.last_stats
+        assert stats.raw_bytes_replaced - stats.packed_bytes == plan.baseline_bytes - plan.planned_bytes
+        planned.append(plan.planned_bytes)
+        measured.append(measured_gradient_error(model, wrapped, x))
+    # a looser tolerance never costs more memory, and the loosest compresses (the tightest: nearly lossless)
+    assert planned[0] <= planned[1] <= planned[2]
+    assert planned[0] < 0.5 * planned[2]
+    assert measured[2] < 0.003 * 3 and measured[0] > measured[2]
+
+
+def test_tolerance_and_budget_are_exclusive_and_checked():
+    model, x = ConvNet(), torch.randn(2, 3, 8, 8)
+    with pytest.raises(TypeError, match="exactly one of budget= .* and tolerance="):
+        actcompile.actcompile(model, budget=0.5, tolerance=0.01)
+    with pytest.raises(TypeError, match="exactly one of budget="):
+        actcompile.actcompile(model)
+    with pytest.raises(ValueError, match="tolerance=1.5: must be a number in \\(0, 1\\)"):
+        actcompile.actcompile(model, tolerance=1.5)
+    with pytest.raises(ValueError, match="tolerance= is not supported by the Inductor back end"):
+        actcompile.backend(tolerance=0.01)
