@@ -4,7 +4,11 @@
 Greedy on each item's lower convex hull of (bytes, cost): every step from one hull point to the
 next saves bytes at a rising marginal cost per byte, so taking the globally cheapest step first
 (a heap) until the total fits is the Lagrangian relaxation's path. ResNet-50's ~400 items with
-5 options each solve in about a millisecond.
+5 options each solve in about a millisecond. Its last step can overshoot badly where items are
+few and large (a 128 KiB tensor sent to int2 to free the last 1.3 KiB), so where the problem is
+small enough (:data:`EXACT_CELLS`) a dynamic program over the capacity in :data:`EXACT_BUCKETS`
+steps (item sizes rounded up: its answer always fits) solves it exactly too, and the cheaper of
+the two answers is taken.
 
 >>> items = [[Option(100, 0.0), Option(30, 1.0), Option(10, 5.0)],
 ...          [Option(100, 0.0), Option(50, 0.1)]]
@@ -20,6 +24,11 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+
+import numpy as np   # not torch: the compiled back end plans inside FakeTensorMode
+
+EXACT_BUCKETS = 4096            # capacity resolution of the dynamic program
+EXACT_CELLS = 40_000_000        # items × options × buckets above which only the greedy runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +61,58 @@ def _lower_hull(options: list[Option]) -> list[int]:
 def choose_options(items: list[list[Option]], capacity: int) -> list[int] | None:
     """Index of the chosen option per item, or ``None`` if even the smallest options exceed capacity.
 
-    Every item starts at its largest option; steps are taken cheapest-per-byte first.
+    The greedy (:func:`greedy_options`) and, where small enough, the exact program
+    (:func:`exact_options`): whichever costs less.
     """
+    greedy = greedy_options(items, capacity)
+    if greedy is None or not items:
+        return greedy
+    cells = len(items) * max(len(opts) for opts in items) * EXACT_BUCKETS
+    exact = exact_options(items, capacity) if cells <= EXACT_CELLS else None
+
+    def cost(chosen):
+        return sum(opts[i].cost for opts, i in zip(items, chosen))
+
+    return exact if exact is not None and cost(exact) < cost(greedy) else greedy
+
+
+def exact_options(items: list[list[Option]], capacity: int, buckets: int = EXACT_BUCKETS) -> list[int] | None:
+    """The least-cost choice by dynamic programming over the capacity cut into ``buckets`` units,
+    each item's bytes rounded up to whole units (so the answer fits; exact when ``capacity <
+    buckets``); ``None`` if the rounded problem has no solution.
+
+    >>> exact_options([[Option(100, 0.0), Option(60, 1.0), Option(10, 50.0)],
+    ...                [Option(40, 0.0), Option(30, 0.1), Option(20, 5.0)]], capacity=85)
+    [1, 2]
+    """
+    if capacity < 0:
+        return None
+    unit = max(1, -(-capacity // buckets))
+    cap = capacity // unit
+    best = np.zeros(cap + 1)   # least cost within c units, no item yet
+    picks = []
+    for opts in items:
+        candidates = np.full((len(opts), cap + 1), np.inf)
+        for o, option in enumerate(opts):
+            width = -(-option.nbytes // unit)
+            if width <= cap:
+                candidates[o, width:] = best[:cap + 1 - width] + option.cost
+        pick = candidates.argmin(axis=0)
+        best = candidates[pick, np.arange(cap + 1)]
+        picks.append(pick)
+    if not np.isfinite(best[cap]):
+        return None
+    chosen, c = [], cap
+    for opts, pick in zip(reversed(items), reversed(picks)):
+        o = int(pick[c])
+        chosen.append(o)
+        c -= -(-opts[o].nbytes // unit)
+    return chosen[::-1]
+
+
+def greedy_options(items: list[list[Option]], capacity: int) -> list[int] | None:
+    """The Lagrangian path (see the module doc): every item starts at its largest option; hull
+    steps are taken cheapest-per-byte first until the total fits."""
     hulls = [_lower_hull(opts) for opts in items]
     position = [0] * len(items)
     total = sum(items[k][h[0]].nbytes for k, h in enumerate(hulls))

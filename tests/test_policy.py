@@ -123,6 +123,30 @@ def test_solver_is_fast_on_resnet50_sized_problems():
     assert time.perf_counter() - start < 5.0   # generous: a ratio-free sanity bound, not a benchmark
 
 
+def test_small_problems_are_solved_exactly_where_the_greedys_last_step_overshoots():
+    import itertools
+    import random
+
+    from actcompile.passes.solvers import greedy_options
+
+    rng = random.Random(1)
+    better = 0
+    for _ in range(200):
+        items = []
+        for _ in range(rng.randint(1, 5)):
+            n = rng.randint(50, 400)
+            items.append([Option(n, 0.0)] + [Option(n * k // 8, rng.random() * (8 - k) ** 2) for k in (4, 2, 1)])
+        capacity = rng.randint(sum(o[-1].nbytes for o in items), sum(o[0].nbytes for o in items))
+        best = min(sum(o.cost for o in combo) for combo in itertools.product(*items)
+                   if sum(o.nbytes for o in combo) <= capacity)
+        chosen = choose_options(items, capacity)   # capacity < 4096 buckets: the program is exact
+        assert sum(items[k][c].nbytes for k, c in enumerate(chosen)) <= capacity
+        assert sum(items[k][c].cost for k, c in enumerate(chosen)) == pytest.approx(best)
+        greedy = greedy_options(items, capacity)
+        better += sum(items[k][c].cost for k, c in enumerate(greedy)) > best + 1e-9
+    assert better > 10   # the case it is for: the greedy alone misses the optimum on these
+
+
 def test_plan_is_pure_and_json_roundtrips():
     from actcompile.plan import Plan
 
