@@ -1,8 +1,9 @@
 """Measure what a forward really keeps alive for backward, independently of the analyzer.
 
 The process heap in use (glibc ``mallinfo2``: arena bytes in use plus mmapped bytes) is read
-after ``gc.collect()`` before the forward and after it, once the outputs are dropped and only
-their ``grad_fn`` (the autograd graph, with everything it saved) is kept. glibc's counters see
+after ``gc.collect()`` before the forward and after it, with its outputs still held (as the
+caller holds them until the loss is computed; DESIGN.md counts them) and with them the autograd
+graph and everything it saved. glibc's counters see
 its main arena only, so run the measuring process with ``MALLOC_ARENA_MAX=1`` (then this agrees
 with a count of saved storages within ~3%); :func:`run_isolated` does that.
 
@@ -53,13 +54,11 @@ def call(model, inputs):
 
 
 def kept_by_forward(model, inputs) -> int:
-    """Heap bytes a training forward leaves alive for backward (outputs themselves dropped)."""
+    """Heap bytes a training forward leaves alive: what it saved for backward and its outputs."""
     before = heap_in_use()
     out = call(model, inputs)
-    graphs = [t.grad_fn for t in float_outputs(out)]
-    del out
     after = heap_in_use()
-    del graphs
+    del out
     return after - before
 
 

@@ -45,6 +45,7 @@ class TensorKind(str, enum.Enum):
     INPUT = "input"
     HELD = "held"    # held by the program beyond the forward: a module attribute, a global, a constant
     SHARED = "shared"   # an activation an earlier graph of the forward saves too: counted there
+    OUTPUT = "output"   # returned by the forward: the caller holds it, so packing it would free nothing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +117,9 @@ class MemoryProfile:
     """What autograd saves when ``graph`` runs forward on the example inputs.
 
     ``tensors`` are the distinct storages; ``events`` every save, in order.
-    ``baseline_bytes`` counts activation storages only (no parameters, buffers or inputs).
+    ``baseline_bytes`` counts the activation storages and what the forward returns to its
+    caller (saved or not: ``output_bytes`` are the returned storages no backward reads), not
+    parameters, buffers or inputs: the heap growth a user measures across the forward.
     """
 
     tensors: tuple[SavedTensor, ...]
@@ -126,16 +129,19 @@ class MemoryProfile:
     autograd_nodes: int = 0   # nodes of the autograd graph the forward leaves behind
     # for nodes that could be recomputed: their tensor arguments as (storage index or -1, bytes)
     node_inputs: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = ()
+    output_bytes: int = 0     # storages the forward returns that no backward reads (fixed bytes)
 
     @property
     def baseline_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors if t.is_activation)
+        return (sum(t.nbytes for t in self.tensors if t.kind in (TensorKind.ACTIVATION, TensorKind.OUTPUT))
+                + self.output_bytes)
 
     def bytes_by_node(self) -> dict[str, int]:
-        """Activation bytes attributed to the node that first saved each storage."""
+        """Saved activation bytes (outputs saved too included) attributed to the node that first
+        saved each storage; returned storages no backward reads (``output_bytes``) are nobody's."""
         out: dict[str, int] = {}
         for t in self.tensors:
-            if t.is_activation:
+            if t.kind in (TensorKind.ACTIVATION, TensorKind.OUTPUT):
                 out[t.node] = out.get(t.node, 0) + t.nbytes
         return out
 
@@ -146,6 +152,7 @@ class SkipReason(str, enum.Enum):
     INPUT = "model input (held by the caller anyway)"
     HELD = "held by the program (a module attribute or global), freed by nothing"
     SHARED = "saved by an earlier graph too, and counted there"
+    OUTPUT = "returned by the forward (the caller holds it): packing it would free nothing"
     NOT_FLOAT = "integer/bool tensor"
     TOO_SMALL = "below size floor"
     NO_CODEC = "no enabled codec supports it"

@@ -3,7 +3,8 @@
 For each model and way of training it, one fresh process measures (``--one``, run by ``main``):
 
 - **activation MB**: heap bytes (glibc ``mallinfo2``, ``MALLOC_ARENA_MAX=1``) a training
-  forward leaves alive once its outputs are dropped and only their ``grad_fn`` is kept;
+  forward leaves alive: what autograd saved and the outputs the caller holds (runs 1-10
+  dropped the outputs first);
 - **peak MB**: the process's peak resident memory over one forward+backward (``VmHWM`` after
   resetting it through ``/proc/self/clear_refs``, ``MALLOC_MMAP_THRESHOLD_=65536`` so freed
   tensors leave the process at once), above what it held before the step: activations,
@@ -213,11 +214,8 @@ def measure_one(name: str, way: str, setting, what: str) -> dict:
             torch.manual_seed(0)
             before = heap_in_use()
             out = call(trained, inputs)
-            value = loss(out)
-            graph = value.grad_fn
-            del out, value
             result["activation_bytes"] = heap_in_use() - before
-            del graph
+            del out
             for p in params:
                 p.grad = None
             before = rss_status()["VmRSS"]

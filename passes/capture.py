@@ -218,6 +218,8 @@ class CapturedGraph:
     flat_inputs: list
     input_kinds: tuple[TensorKind | None, ...]
     saved_later: set = dataclasses.field(default_factory=set)   # (node, ordinal) a later graph saves again
+    # positions (in tree_leaves of the graph's output) of what the forward returns to its caller
+    returned: frozenset = frozenset()
 
     @property
     def gm(self) -> torch.fx.GraphModule:
@@ -279,12 +281,16 @@ def capture_graphs(model: torch.nn.Module, example_inputs, *, forward=None,
             elif kind is TensorKind.ACTIVATION and first_save(t) is None:
                 saved[_storage_key(t)] = (StorageWeakRef(t.untyped_storage()), graph, (node, ordinal))
 
-        return record_saves(runner.gm, flat_inputs, on_save, fake=False, input_kinds=graph.input_kinds).output
+        out = record_saves(runner.gm, flat_inputs, on_save, fake=False, input_kinds=graph.input_kinds).output
+        outputs.append([(i, StorageWeakRef(t.untyped_storage())) for i, t in enumerate(tree_leaves(out))
+                        if isinstance(t, torch.Tensor)])
+        return out
 
+    outputs: list[list] = []   # per graph: (leaf position, storage) of each tensor it returned
     versions = [(t, t._version) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     with preserved_state(model), handling(record):
         try:
-            run_dropping_saves(forward, *args, **kwargs)
+            result = run_dropping_saves(forward, *args, **kwargs)
         except Exception as err:
             shapes = [tuple(t.shape) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
             first = str(err).splitlines()[0] if str(err) else ""
@@ -297,4 +303,29 @@ def capture_graphs(model: torch.nn.Module, example_inputs, *, forward=None,
     if not graphs:
         raise TraceError(f"Dynamo captured no graph of {type(model).__name__}.forward (it ran as plain Python): "
                          "nothing can be planned. Run with TORCH_LOGS=graph_breaks to see why")
+    # What the caller gets back stays alive after the forward (DESIGN.md: outputs count as bytes).
+    handed_back = {_storage_key(t) for t in tensors_in(result)}
+    for graph, leaves in zip(graphs, outputs):
+        graph.returned = frozenset(i for i, ref in leaves if not ref.expired() and ref.cdata in handed_back)
     return graphs
+
+
+def tensors_in(obj, depth: int = 6) -> list[torch.Tensor]:
+    """Every tensor in what a forward returned: nested tuples, lists, dicts (a Hugging Face
+    ``ModelOutput``) and plain objects (a KV cache keeps its tensors in attributes)."""
+    found, seen, stack = [], set(), [(obj, depth)]
+    while stack:
+        x, left = stack.pop()
+        if isinstance(x, torch.Tensor):
+            found.append(x)
+            continue
+        if left <= 0 or id(x) in seen or x is None or isinstance(x, (str, bytes, int, float, bool, torch.nn.Module)):
+            continue
+        seen.add(id(x))
+        if isinstance(x, dict):
+            stack += [(v, left - 1) for v in x.values()]
+        elif isinstance(x, (list, tuple, set)):
+            stack += [(v, left - 1) for v in x]
+        elif hasattr(x, "__dict__"):
+            stack += [(v, left - 1) for v in vars(x).values()]
+    return found

@@ -16,8 +16,10 @@ still holds no activations) and restoring buffers and RNG afterwards.
 >>> model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 4))
 >>> (graph,) = capture_graphs(model, torch.randn(64, 256))
 >>> profile = profile_memory(graph)
->>> profile.baseline_bytes == 64 * 256 * 4      # the ReLU output, saved by ReLU and by Linear, once
+>>> profile.baseline_bytes == 64 * 256 * 4 + 64 * 4 * 4   # the ReLU output (saved by ReLU and by
 True
+>>> profile.output_bytes                                    # Linear, once) and the output
+1024
 >>> sorted(t.kind.value for t in profile.tensors)
 ['activation', 'input', 'parameter']
 """
@@ -79,10 +81,12 @@ class SaveRecord(NamedTuple):
     holders: dict[int, Use]   # save index -> the autograd node reading it, for saves still held
     autograd_nodes: int       # nodes of the autograd graph the forward leaves behind
     output: object            # what the graph returned (it cannot be differentiated: nothing was kept)
+    # storage key -> (weak ref, bytes) of the activation storages among the ``returned`` outputs
+    returned: dict = {}
 
 
 def record_saves(gm: torch.fx.GraphModule, flat_inputs: list, on_save, *, fake: bool,
-                 input_kinds=None, on_node=None, keep: bool = False) -> SaveRecord:
+                 input_kinds=None, on_node=None, keep: bool = False, returned=frozenset()) -> SaveRecord:
     """Run ``gm`` forward once with grad enabled, calling ``on_save(node, ordinal, tensor, kind)``
     at every save (and ``on_node(node, tensor arguments)`` before every node, if given).
 
@@ -94,6 +98,8 @@ def record_saves(gm: torch.fx.GraphModule, flat_inputs: list, on_save, *, fake: 
     :func:`_saving_nodes`; other saves were released), the number of autograd nodes in that
     graph, and the graph's output. With ``keep`` (real tensors only) the saves stay alive, so
     the output can be differentiated; reading a ``_saved_*`` attribute still records its token.
+    ``returned``: positions (in ``tree_leaves`` of the output) of what the forward hands to its
+    caller; their activation storages are in ``SaveRecord.returned``.
     """
     recorder = _SaveRecorder(gm, None, on_node)
     recorder.keep = keep and not fake
@@ -126,7 +132,12 @@ def record_saves(gm: torch.fx.GraphModule, flat_inputs: list, on_save, *, fake: 
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(recorder.pack, _token_unpack))
         out = torch.func.functional_call(_Runner(recorder), {f"gm.{k}": v for k, v in state.items()},
                                          tuple(flat_inputs), strict=False, tie_weights=True)
-        return SaveRecord(*_saving_nodes(out), out)
+        held = {}
+        for i, t in enumerate(tree_leaves(out)):
+            if i in returned and isinstance(t, torch.Tensor) and kind_of(t) is TensorKind.ACTIVATION:
+                storage = t.untyped_storage()
+                held[StorageWeakRef(storage).cdata] = (StorageWeakRef(storage), storage.nbytes())
+        return SaveRecord(*_saving_nodes(out), out, held)
 
 
 _unpacked = threading.local()
@@ -241,8 +252,13 @@ class _Collector:
                                    kind=kind, packed_shape=tuple(packed.shape)))
         self.saves.append((node, ordinal, tuple(t.shape), str(t.dtype).removeprefix("torch."), index))
 
-    def profile(self, holders: dict[int, Use], autograd_nodes: int, node_order, mode) -> MemoryProfile:
-        """Keep the storages some autograd node still holds; name the nodes that read each."""
+    def profile(self, holders: dict[int, Use], autograd_nodes: int, node_order, mode,
+                returned: dict | None = None) -> MemoryProfile:
+        """Keep the storages some autograd node still holds; name the nodes that read each.
+
+        ``returned`` (:attr:`SaveRecord.returned`): what the forward hands its caller. A saved
+        storage among them is an OUTPUT (packing it would free nothing); the others count as
+        ``output_bytes``."""
         if self.saves and not holders:   # outputs autograd cannot walk: keep every save
             holders = {i: Use("?", ()) for i in range(len(self.saves))}
         events, uses = [], {}
@@ -253,10 +269,18 @@ class _Collector:
         later = {index for node, ordinal, _, _, index in self.saves if (node, ordinal) in self.saved_later}
         for index in later:   # read by a backward of another graph too: no codec exact only for ours
             uses.setdefault(index, []).append(Use(LATER_USE, ()))
+        returned = {key: nbytes for key, (ref, nbytes) in (returned or {}).items() if not ref.expired()}
+        saved_keys = {index: key for key, (ref, index) in self.storages.items() if not ref.expired()}
+        output_indices = {i for i, key in saved_keys.items() if key in returned}
+        for f in self.first:
+            if f["index"] in output_indices and f["kind"] is TensorKind.ACTIVATION:
+                f["kind"] = TensorKind.OUTPUT
+        kept = {saved_keys[f["index"]] for f in self.first if f["index"] in uses and f["index"] in saved_keys}
         tensors = tuple(SavedTensor(**dict(f, uses=tuple(uses[f["index"]]), saved_later=f["index"] in later))
                         for f in self.first if f["index"] in uses)
         return MemoryProfile(tensors=tensors, events=tuple(events), node_order=tuple(node_order), mode=mode,
-                             autograd_nodes=autograd_nodes, node_inputs=self._inputs())
+                             autograd_nodes=autograd_nodes, node_inputs=self._inputs(),
+                             output_bytes=sum(n for key, n in returned.items() if key not in kept))
 
 
 def _has_unknown_workspace(profile: MemoryProfile) -> bool:
@@ -281,13 +305,15 @@ def profile_memory(graph: CapturedGraph, *, mode: str = "auto") -> MemoryProfile
     for attempt in (("fake", "real") if mode == "auto" else (mode,)):
         collector = _Collector(held, frozenset(graph.saved_later))
         try:
-            holders, autograd_nodes, _ = record_saves(gm, graph.flat_inputs, collector, fake=attempt == "fake",
-                                                      input_kinds=graph.input_kinds, on_node=collector.node_args)
+            record = record_saves(gm, graph.flat_inputs, collector, fake=attempt == "fake",
+                                  input_kinds=graph.input_kinds, on_node=collector.node_args,
+                                  returned=graph.returned)
         except Exception as err:
             if attempt == "fake" and mode == "auto" and needs_real_inputs(err):
                 continue
             raise
-        profile = collector.profile(holders, autograd_nodes, (n.name for n in gm.graph.nodes), attempt)
+        profile = collector.profile(record.holders, record.autograd_nodes, (n.name for n in gm.graph.nodes), attempt,
+                                    record.returned)
         if attempt == "fake" and mode == "auto" and _has_unknown_workspace(profile):
             continue
         return profile

@@ -38,6 +38,7 @@ _KIND_REASON = {
     TensorKind.INPUT: SkipReason.INPUT,
     TensorKind.HELD: SkipReason.HELD,
     TensorKind.SHARED: SkipReason.SHARED,
+    TensorKind.OUTPUT: SkipReason.OUTPUT,
 }
 
 

@@ -91,7 +91,7 @@ class _Fails(nn.Module):
 def test_no_hooks_left_when_the_forward_raises():
     model = _Fails()
     x = torch.randn(256, 64)
-    compiled = actcompile(model, budget=0.3, example_inputs=x)
+    compiled = actcompile(model, budget=0.5, example_inputs=x)   # its output is 1/3 of the baseline
     assert compiled.plan.regions
     model.fail = True            # guarded by Dynamo: the next forward re-captures, and fails
     with pytest.raises(Exception):

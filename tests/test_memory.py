@@ -17,7 +17,8 @@ def test_storage_saved_twice_counts_once_and_lists_both_uses():
     (relu_out,) = [t for t in p.tensors if t.is_activation]
     assert relu_out.nbytes == 32 * 128 * 4
     assert relu_out.ops == ("ReluBackward0", "AddmmBackward0")
-    assert p.baseline_bytes == relu_out.nbytes
+    assert p.output_bytes == 32 * 4 * 4          # the caller holds the output: it counts, fixed
+    assert p.baseline_bytes == relu_out.nbytes + p.output_bytes
 
 
 def test_parameters_buffers_and_inputs_are_marked_not_counted():
@@ -26,7 +27,7 @@ def test_parameters_buffers_and_inputs_are_marked_not_counted():
     p = profile(model, x)
     kinds = {t.kind for t in p.tensors}
     assert {TensorKind.PARAMETER, TensorKind.BUFFER, TensorKind.INPUT, TensorKind.ACTIVATION} <= kinds
-    assert p.baseline_bytes == sum(t.nbytes for t in p.tensors if t.kind is TensorKind.ACTIVATION)
+    assert p.baseline_bytes == sum(t.nbytes for t in p.tensors if t.kind is TensorKind.ACTIVATION) + p.output_bytes
     weight = next(t for t in p.tensors if t.shape == (6, 6) or t.shape == (6, 6)[::-1])
     assert weight.kind is TensorKind.PARAMETER   # nn.Linear saves its weight: filtered
 
@@ -45,7 +46,7 @@ def test_views_of_one_storage_count_once():
     (h,) = [t for t in p.tensors if t.is_activation]
     assert h.nbytes == 16 * 256 * 4 and h.ops == ("MulBackward0", "MulBackward0")
     assert h.packed_shape == (16 * 256,)   # a partial view first: the codec gets the whole storage
-    assert p.baseline_bytes == 16 * 256 * 4
+    assert p.baseline_bytes == 16 * 256 * 4 + 4   # and the scalar it returns
 
 
 def test_saves_released_during_forward_are_not_counted():
@@ -88,4 +89,32 @@ def test_bytes_by_node_attributes_each_storage_to_its_first_saver():
     p = profile(model, torch.randn(16, 64))
     by_node = p.bytes_by_node()
     assert by_node == {"input_2": 16 * 128 * 4, "input_4": 16 * 32 * 4}   # tanh and ReLU outputs, saved by themselves
-    assert sum(by_node.values()) == p.baseline_bytes
+    assert sum(by_node.values()) == p.baseline_bytes - p.output_bytes
+    assert p.output_bytes == 16 * 4 * 4
+
+
+class Features(nn.Module):
+    """Returns its features with the logits (distillation, probing): the head saves them too."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(64, 128), nn.GELU())
+        self.head = nn.Linear(128, 4)
+
+    def forward(self, x):
+        features = self.body(x)
+        return self.head(features), features
+
+
+def test_a_saved_tensor_the_forward_returns_is_an_output_counted_once_and_never_a_candidate():
+    from actcompile import explain
+    from actcompile.plan import SkipReason
+
+    p = profile(Features(), torch.randn(32, 64))
+    (features,) = [t for t in p.tensors if t.kind is TensorKind.OUTPUT]
+    assert features.shape == (32, 128) and features.ops == ("AddmmBackward0",)
+    assert p.output_bytes == 32 * 4 * 4   # the logits: returned, read by no backward
+    assert p.baseline_bytes == features.nbytes + p.output_bytes + sum(t.nbytes for t in p.tensors if t.is_activation)
+    plan = explain(Features(), torch.randn(256, 64), budget=0.6)
+    assert not any(a.node == features.node for a in plan.assignments)
+    assert any(s.reason is SkipReason.OUTPUT for s in plan.sections[0].plan.skipped)

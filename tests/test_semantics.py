@@ -16,7 +16,7 @@ from torch import nn
 
 from actcompile import actcompile
 
-WIDTH, BATCH = 256, 64
+WIDTH, BATCH = 256, 128
 
 
 @pytest.fixture(autouse=True)
