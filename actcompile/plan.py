@@ -113,6 +113,32 @@ class SavedTensor:
 
 
 @dataclasses.dataclass(frozen=True)
+class NodeRecord:
+    """One node of a captured graph, as :mod:`actcompile.passes.segments` needs it to tell what
+    recomputing a run of nodes in backward frees, holds and costs.
+
+    ``storages`` are the storages of the tensors the node returns, as ``(storage, bytes)``:
+    ``storage`` is the index into :attr:`MemoryProfile.tensors` of a saved one, or ``-k - 1``
+    (``k`` ≥ 0, unique in the profile) for one autograd does not keep.
+    """
+
+    name: str
+    recompute: str              # "yes"; "in-place" (writes its first argument: only where that is made
+                                # in the same run); "no" (side effects, higher-order ops, placeholders)
+    inputs: tuple[str, ...]     # the nodes it reads
+    storages: tuple[tuple[int, int], ...] = ()
+    flops: int = 0              # torch.utils.flop_counter's count (0 for ops it has no formula for)
+    kind: str = ""              # placeholders: the TensorKind value of the graph input
+
+    def __post_init__(self):
+        _require(self.recompute in RECOMPUTE_KINDS, "NodeRecord", "recompute", self.recompute,
+                 f"must be one of {RECOMPUTE_KINDS}")
+
+
+RECOMPUTE_KINDS = ("yes", "in-place", "no")
+
+
+@dataclasses.dataclass(frozen=True)
 class MemoryProfile:
     """What autograd saves when ``graph`` runs forward on the example inputs.
 
@@ -127,8 +153,7 @@ class MemoryProfile:
     node_order: tuple[str, ...]
     mode: str = "fake"   # "fake" (FakeTensors) or "real" (needed for data-dependent control flow)
     autograd_nodes: int = 0   # nodes of the autograd graph the forward leaves behind
-    # for nodes that could be recomputed: their tensor arguments as (storage index or -1, bytes)
-    node_inputs: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = ()
+    nodes: tuple[NodeRecord, ...] = ()   # every node, in graph order (what recomputing runs of them does)
     output_bytes: int = 0     # storages the forward returns that no backward reads (fixed bytes)
 
     @property

@@ -229,14 +229,31 @@ def recompute(fn, *args, **kwargs):
 
 class Recomputed:
     """``fn`` called through :func:`recompute`: a graph node's target (FX cannot print a builtin
-    such as ``torch.lstm`` as an argument, but takes any named callable as a target)."""
+    such as ``torch.lstm`` as an argument, but takes any named callable as a target).
 
-    def __init__(self, fn):
+    ``held``: positions of arguments that are buffers or other state the forward mutates (a
+    training BatchNorm's running statistics): the recomputation runs on copies taken before the
+    call, so it sees what the forward saw and the statistics are updated once, not twice.
+    """
+
+    def __init__(self, fn, held: tuple[int, ...] = ()):
         self.fn = fn
+        self.held = tuple(held)
         self.__name__ = f"recompute_{getattr(fn, '__name__', type(fn).__name__)}"
 
     def __call__(self, *args, **kwargs):
-        return recompute(self.fn, *args, **kwargs)
+        if not self.held or not torch.is_grad_enabled():
+            return recompute(self.fn, *args, **kwargs)
+        copies = {i: args[i].clone() for i in self.held if isinstance(args[i], torch.Tensor)}
+        calls = []
+
+        def run(*a, **kw):
+            if calls:   # a recomputation in backward
+                a = tuple(copies.get(i, x) for i, x in enumerate(a))
+            calls.append(None)
+            return self.fn(*a, **kw)
+
+        return recompute(run, *args, **kwargs)
 
 
 # The markers have effects the graph does not see: keep dead-code elimination off them.

@@ -28,6 +28,8 @@ Before/after, for a plan that masks the output of ``relu``::
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx
 
@@ -69,16 +71,42 @@ def compression_table(plan: Plan, compile_codecs: bool = False) -> dict:
     return table
 
 
-def _wrap_in_recompute(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
-    """``y = f(x)``  →  ``y = recompute(f, x)``: the same call, its saves re-made in backward."""
-    with graph.inserting_before(node):
-        if node.op == "call_module":
-            call = graph.call_function(runtime.recompute, (graph.get_attr(node.target), *node.args), dict(node.kwargs))
-        else:
-            call = graph.call_function(runtime.Recomputed(node.target), node.args, dict(node.kwargs))
-    call.meta = dict(node.meta)
-    node.replace_all_uses_with(call)
-    graph.erase_node(node)
+def _wrap_in_recompute(gm: torch.fx.GraphModule, graph: torch.fx.Graph, names: tuple[str, ...],
+                       held: tuple[str, ...]) -> None:
+    """Replace the run of nodes ``names`` by one call that recomputes them in backward::
+
+        y = f(x); z = g(y)    →    recompute_z = Recomputed(segment)(x); z = recompute_z[0]
+
+    ``segment`` is a GraphModule of those nodes (sharing ``gm``'s attributes); it is called
+    where the last of them was (every node in between reads nothing they make: see
+    :mod:`actcompile.passes.segments`); its outputs are the values read after it. ``held``
+    names the placeholders it reads that the forward mutates (buffers): copied for the recomputation.
+    """
+    nodes_by_name = {n.name: n for n in graph.nodes}
+    nodes = [nodes_by_name[name] for name in names]
+    inside = set(nodes)
+    outside = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes if a not in inside))
+    sub = torch.fx.Graph()
+    env = {a: sub.placeholder(a.name) for a in outside}
+    for a in outside:
+        env[a].meta = dict(a.meta)
+    for n in nodes:
+        env[n] = sub.node_copy(n, lambda a: env[a])
+    results = [n for n in nodes if any(u not in inside for u in n.users)]
+    sub.output(tuple(env[n] for n in results))
+    sub.lint()
+    segment = torch.fx.GraphModule(gm, sub, class_name=f"Segment_{names[0]}")
+    positions = tuple(k for k, a in enumerate(outside) if a.name in held)
+    with graph.inserting_after(nodes[-1]):
+        call = graph.call_function(runtime.Recomputed(segment, positions), tuple(outside))
+        call.meta["val"] = tuple(n.meta.get("val", n.meta.get("example_value")) for n in results)
+        with graph.inserting_after(call):
+            for k, n in reversed(list(enumerate(results))):
+                out = graph.call_function(operator.getitem, (call, k))
+                out.meta = dict(n.meta)
+                n.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inside)
+    for n in reversed(nodes):
+        graph.erase_node(n)
 
 
 def emit_regions(gm: torch.fx.GraphModule, plan: Plan, compile_codecs: bool = False) -> CompressedGraphModule:
@@ -90,11 +118,15 @@ def emit_regions(gm: torch.fx.GraphModule, plan: Plan, compile_codecs: bool = Fa
     output = graph.graph_copy(gm.graph, {})
     graph.output(output)
     nodes = {n.name: n for n in graph.nodes}
-    missing = [a.node for a in plan.assignments if a.node not in nodes]
+    named = [name for a in plan.assignments
+             for name in (dict(a.options).get("nodes", (a.node,)) if a.codec == RECOMPUTE else (a.node,))]
+    missing = [name for name in named if name not in nodes]
     if missing:
         raise ValueError(f"emit_regions: plan names nodes {missing[:5]} that the graph does not have")
-    for name in dict.fromkeys(a.node for a in plan.assignments if a.codec == RECOMPUTE):
-        _wrap_in_recompute(graph, nodes[name])
+    for a in plan.assignments:
+        if a.codec == RECOMPUTE:
+            options = dict(a.options)
+            _wrap_in_recompute(gm, graph, tuple(options.get("nodes", (a.node,))), tuple(options.get("held", ())))
     for name in dict.fromkeys(a.node for a in plan.assignments if a.codec != RECOMPUTE):
         node = nodes[name]
         with graph.inserting_before(node):

@@ -34,21 +34,23 @@ import torch
 import torch.fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils.flop_counter import FlopCounterMode
 from torch.utils._pytree import tree_leaves
 
-from actcompile.plan import LATER_USE, MemoryProfile, SavedTensor, SaveEvent, TensorKind, Use
+from actcompile.plan import LATER_USE, MemoryProfile, NodeRecord, SavedTensor, SaveEvent, TensorKind, Use
 from actcompile.runtime import packable_view, preserved_state
-from actcompile.passes.rules import recomputable
+from actcompile.passes.rules import recompute_kind
 from actcompile.passes.capture import CapturedGraph
 
 
 class _SaveRecorder(torch.fx.Interpreter):
     """Runs the graph node by node, so each save is attributed to the node running it."""
 
-    def __init__(self, gm, on_save: Callable[[str, int, torch.Tensor], None], on_node=None):
+    def __init__(self, gm, on_save: Callable[[str, int, torch.Tensor], None], on_node=None, after_node=None):
         super().__init__(gm)
         self.on_save = on_save
         self.on_node = on_node
+        self.after_node = after_node
         self.node: str | None = None
         self.ordinal = 0
         self.saves = 0
@@ -60,7 +62,10 @@ class _SaveRecorder(torch.fx.Interpreter):
             if self.on_node is not None:
                 args, kwargs = self.fetch_args_kwargs_from_env(n)
                 self.on_node(n, [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)])
-            return super().run_node(n)
+            result = super().run_node(n)
+            if self.after_node is not None:
+                self.after_node(n, [t for t in tree_leaves(result) if isinstance(t, torch.Tensor)])
+            return result
         except Exception as err:
             if getattr(err, "_actcompile_node", None) is None:
                 err._actcompile_node = n.format_node()
@@ -86,9 +91,12 @@ class SaveRecord(NamedTuple):
 
 
 def record_saves(gm: torch.fx.GraphModule, flat_inputs: list, on_save, *, fake: bool,
-                 input_kinds=None, on_node=None, keep: bool = False, returned=frozenset()) -> SaveRecord:
+                 input_kinds=None, on_node=None, after_node=None, keep: bool = False, returned=frozenset(),
+                 modes=()) -> SaveRecord:
     """Run ``gm`` forward once with grad enabled, calling ``on_save(node, ordinal, tensor, kind)``
-    at every save (and ``on_node(node, tensor arguments)`` before every node, if given).
+    at every save (and ``on_node(node, tensor arguments)`` before every node and
+    ``after_node(node, tensors returned)`` after it, if given), inside ``modes`` (dispatch
+    modes such as a ``FlopCounterMode``, entered after the fake mode).
 
     ``kind`` says whether the saved storage is a parameter, buffer, model input or activation:
     ``input_kinds`` gives it for each graph input (default: every input is a model input).
@@ -101,7 +109,7 @@ def record_saves(gm: torch.fx.GraphModule, flat_inputs: list, on_save, *, fake: 
     ``returned``: positions (in ``tree_leaves`` of the output) of what the forward hands to its
     caller; their activation storages are in ``SaveRecord.returned``.
     """
-    recorder = _SaveRecorder(gm, None, on_node)
+    recorder = _SaveRecorder(gm, None, on_node, after_node)
     recorder.keep = keep and not fake
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     state = dict(gm.named_parameters())   # tied weights once; functional_call re-ties the rest
@@ -112,7 +120,11 @@ def record_saves(gm: torch.fx.GraphModule, flat_inputs: list, on_save, *, fake: 
             stack.enter_context(mode)
             state = {name: _fake_like(mode, t) for name, t in state.items()}
             flat_inputs = [_fake_like(mode, x) if isinstance(x, torch.Tensor) else x for x in flat_inputs]
+            for m in modes:
+                stack.enter_context(m)
         else:
+            for m in modes:
+                stack.enter_context(m)
             stack.enter_context(preserved_state(gm, [x for x, kind in zip(flat_inputs, kinds)
                                                      if kind in (TensorKind.BUFFER, TensorKind.HELD)]))
         owned: dict[int, TensorKind] = {}
@@ -211,31 +223,56 @@ class _Runner(torch.nn.Module):
         return self.recorder.run(*flat_inputs)
 
 
+class _NodeLog:
+    """Per node, in graph order: what it reads, the storages it returns, its FLOPs (see
+    :class:`~actcompile.plan.NodeRecord`). Storages are named by number as they first appear;
+    one freed and its address reused is a new storage (its weak reference has expired)."""
+
+    def __init__(self, placeholder_kinds: dict[str, TensorKind]):
+        self.placeholder_kinds = placeholder_kinds
+        self.flops = FlopCounterMode(display=False)
+        self.numbers: dict[int, tuple[StorageWeakRef, int]] = {}   # storage key -> (ref, number)
+        self.rows: list[tuple] = []   # (name, recompute kind, inputs, [(number, bytes)], flops, kind)
+        self.counted = 0
+
+    def number(self, storage) -> int:
+        ref = StorageWeakRef(storage)
+        known = self.numbers.get(ref.cdata)
+        if known is None or known[0].expired():
+            known = self.numbers[ref.cdata] = (ref, len(self.numbers))
+        return known[1]
+
+    def __call__(self, node: torch.fx.Node, returned: list[torch.Tensor]) -> None:
+        total = self.flops.get_total_flops()
+        storages = {}
+        for t in returned:
+            storage = t.untyped_storage()
+            storages.setdefault(self.number(storage), storage.nbytes())
+        kind = self.placeholder_kinds.get(node.name)
+        self.rows.append((node.name, recompute_kind(node), tuple(n.name for n in node.all_input_nodes),
+                          tuple(storages.items()), total - self.counted, kind.value if kind is not None else ""))
+        self.counted = total
+
+    def records(self, saved_number: dict[int, int]) -> tuple[NodeRecord, ...]:
+        """The rows with each storage named by its saved index (``saved_number``: number -> index)
+        or ``-number - 1``."""
+        def name(number):
+            return saved_number.get(number, -number - 1)
+
+        return tuple(NodeRecord(node, recompute, inputs, tuple((name(k), nbytes) for k, nbytes in storages), flops, kind)
+                     for node, recompute, inputs, storages, flops, kind in self.rows)
+
+
 class _Collector:
     """Builds SaveEvents and deduplicated SavedTensors from the stream of pack-hook calls."""
 
-    def __init__(self, held_inputs: frozenset[str] = frozenset(), saved_later=frozenset()):
-        self.held_inputs = held_inputs   # placeholders of buffers and other held state: never recomputed
+    def __init__(self, saved_later=frozenset(), log: _NodeLog | None = None):
         self.saved_later = saved_later   # (node, ordinal) of saves a later graph saves again
+        self.log = log
         self.saves: list[tuple] = []     # (node, ordinal, shape, dtype, storage index)
         self.storages: dict[int, tuple[StorageWeakRef, int]] = {}
         self.first: list[dict] = []
-        self.args_of: dict[str, list] = {}   # recomputable node -> its argument storages (kept alive)
-
-    def node_args(self, node: torch.fx.Node, tensors: list[torch.Tensor]) -> None:
-        if recomputable(node, self.held_inputs):
-            self.args_of[node.name] = [t.untyped_storage() for t in tensors]
-
-    def _inputs(self) -> tuple:
-        out = []
-        for name, storages in self.args_of.items():
-            found = []
-            for storage in storages:
-                known = self.storages.get(StorageWeakRef(storage).cdata)
-                found.append((known[1] if known is not None else -1, storage.nbytes()))
-            out.append((name, tuple(found)))
-        self.args_of = {}
-        return tuple(out)
+        self.saved_number: dict[int, int] = {}   # the node log's number of each saved storage -> its index
 
     def __call__(self, node, ordinal, t, kind):
         storage = t.untyped_storage()
@@ -247,6 +284,8 @@ class _Collector:
             index = len(self.first)
             packed = packable_view(t)
             self.storages[ref.cdata] = (ref, index)
+            if self.log is not None:
+                self.saved_number[self.log.number(storage)] = index
             self.first.append(dict(index=index, node=node, ordinal=ordinal, shape=tuple(t.shape),
                                    dtype=str(t.dtype).removeprefix("torch."), nbytes=storage.nbytes(),
                                    kind=kind, packed_shape=tuple(packed.shape)))
@@ -279,7 +318,9 @@ class _Collector:
         tensors = tuple(SavedTensor(**dict(f, uses=tuple(uses[f["index"]]), saved_later=f["index"] in later))
                         for f in self.first if f["index"] in uses)
         return MemoryProfile(tensors=tensors, events=tuple(events), node_order=tuple(node_order), mode=mode,
-                             autograd_nodes=autograd_nodes, node_inputs=self._inputs(),
+                             autograd_nodes=autograd_nodes,
+                             nodes=self.log.records({k: i for k, i in self.saved_number.items() if i in uses})
+                             if self.log is not None else (),
                              output_bytes=sum(n for key, n in returned.items() if key not in kept))
 
 
@@ -300,14 +341,14 @@ def profile_memory(graph: CapturedGraph, *, mode: str = "auto") -> MemoryProfile
         raise ValueError(f"profile_memory(mode={mode!r}): accepted are 'auto', 'fake', 'real'")
     gm = graph.gm
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    held = frozenset(n.name for n, kind in zip(placeholders, graph.input_kinds)
-                     if kind in (TensorKind.BUFFER, TensorKind.HELD))
+    kinds = {n.name: kind or TensorKind.INPUT for n, kind in zip(placeholders, graph.input_kinds)}
     for attempt in (("fake", "real") if mode == "auto" else (mode,)):
-        collector = _Collector(held, frozenset(graph.saved_later))
+        log = _NodeLog(kinds)
+        collector = _Collector(frozenset(graph.saved_later), log)
         try:
             record = record_saves(gm, graph.flat_inputs, collector, fake=attempt == "fake",
-                                  input_kinds=graph.input_kinds, on_node=collector.node_args,
-                                  returned=graph.returned)
+                                  input_kinds=graph.input_kinds, after_node=log, returned=graph.returned,
+                                  modes=(log.flops,))
         except Exception as err:
             if attempt == "fake" and mode == "auto" and needs_real_inputs(err):
                 continue

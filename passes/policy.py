@@ -9,8 +9,11 @@ one op's gradient, and per-op gradient norms do not grow with activation size (l
 have small activations but most parameters), so every tensor's relative error counts alike.
 With ``"bytes"``, ``w`` is the tensor's size. Measured on ResNet-18 at 1/4 of its activation
 bytes: gradient cosine 0.99943 per-tensor vs. 0.99875 size-weighted. Lossless choices cost nothing and are taken
-first; so is recomputing a node (activation checkpointing) whose saves no codec may touch
-(integers no lossless codec narrows, such as oneDNN's uint8 LSTM workspace); a budget already met (with room for
+first. A run of nodes may be recomputed in backward instead (activation checkpointing,
+:mod:`actcompile.passes.segments`): one item decides a segment's storages together, each its own
+codec or all freed by recomputing it (what it reads held whole), at a cost of λ × its predicted
+time (``time_weight``, see :class:`CompileConfig`); that also frees what no codec may touch (an
+LSTM's uint8 workspace, int64 indices with narrowing off). A budget already met (with room for
 autograd's records: a byte budget just above the storages is not met) compresses nothing; a budget no choice meets raises
 :class:`~actcompile.errors.BudgetError` with the smallest bytes reachable.
 
@@ -43,8 +46,9 @@ from actcompile.config import CompileConfig
 from actcompile.errors import BudgetError
 from actcompile.plan import (RECOMPUTE, Assignment, MemoryProfile, Plan, Region, SavedTensor, Skip, SkipReason,
                              format_bytes)
-from actcompile.passes.rules import exact_for_use, recompute_candidates, split_candidates
-from actcompile.passes.solvers import Option, choose_options, choose_options_within, smallest_total
+from actcompile.passes.rules import exact_for_use, split_candidates
+from actcompile.passes.segments import Segment, find_segments
+from actcompile.passes.solvers import Option, choose_options, choose_options_within, merge_items, smallest_total
 
 Key = tuple[str, int]
 
@@ -98,6 +102,20 @@ def choose_plan(profile: MemoryProfile, config: CompileConfig,
 
 
 @dataclasses.dataclass
+class _Group:
+    """A recomputable segment and the candidate storages decided with it (see :meth:`_GraphProblem.build`)."""
+
+    segment: Segment
+    members: list[int]            # positions in _GraphProblem.candidates
+    merged: list[Option]          # the members' Pareto-best sums of options (solvers.merge_items)
+    picks: list[tuple[int, ...]]  # per merged option: each member's option index
+    freed: frozenset[int]         # storage indices recomputing frees
+    fixed_freed: int              # bytes of freed storages no codec may touch (counted in `fixed` otherwise)
+    held_bytes: int               # bytes held whole when it is recomputed
+    seconds: float                # predicted time of one recomputation
+
+
+@dataclasses.dataclass
 class _GraphProblem:
     """One graph's share of the knapsack: its items, and how to read the chosen options back."""
 
@@ -105,35 +123,72 @@ class _GraphProblem:
     candidates: list[SavedTensor]
     skips: list[Skip]
     per_tensor: list[list[tuple[object, float, int]]]
-    recomputes: list
-    inside_skips: list[Skip]
+    groups: list[_Group]
+    singles: list[int]          # positions of the candidates decided alone
     fixed: int
     reserve: int
-    items: list[list[Option]]   # one knapsack item per candidate tensor, then per recompute candidate
+    items: list[list[Option]]   # one knapsack item per single candidate, then one per group
     shares: dict                # (node, ordinal) -> gradient share (passes/sensitivity.py), if probed
+    weight: float               # Σ of the candidates' error weights (the scale of a recomputation's cost)
+    seconds: float              # predicted time of the graph's forward (every node once)
+    repeats: int
 
     @classmethod
     def build(cls, profile: MemoryProfile, config: CompileConfig, calibration: dict,
               repeats: int = 1, shares: dict | None = None) -> "_GraphProblem":
         """``repeats``: how often the forward runs this graph (one block's code, called per block);
-        its plan applies to every call, so its bytes count that many times."""
+        its plan applies to every call, so its bytes count that many times.
+
+        A recomputable segment (:mod:`actcompile.passes.segments`) becomes one item deciding its
+        own candidate storages and the ones it reads together: each its own option (their merged
+        Pareto front, :func:`merge_items`), or recompute it (what it alone made is freed, what it
+        reads is held whole) at a cost priced later by :meth:`price_recomputation`.
+        """
         candidates, skips = split_candidates(profile, config)
-        # Storages inside a recomputable node are decided with the node (keep it, or recompute it).
-        recomputes = recompute_candidates(profile, config) if config.recompute else []
-        inside = {(t.node, t.ordinal) for r in recomputes for t in r.internal}
-        inside_skips = [s for s in skips if (s.node, s.ordinal) in inside]
-        skips = [s for s in skips if (s.node, s.ordinal) not in inside]
-        candidates = [t for t in candidates if (t.node, t.ordinal) not in inside]
         per_tensor = [_options(t, calibration.get((t.node, t.ordinal), [])) for t in candidates]
+        weights = [_weight(t, config, shares) for t in candidates]
+        options = [[Option(repeats * nbytes, repeats * w * error**2) for _, error, nbytes in opts]
+                   for w, opts in zip(weights, per_tensor)]
+        position = {t.index: k for k, t in enumerate(candidates)}
+        tensors = {t.index: t for t in profile.tensors}
+        segments = find_segments(profile) if config.recompute and config.tolerance is None else []
+        claimed: set[int] = set()
+        owned = [[i for i in s.owned if i in position] for s in segments]
+        for members in owned:
+            claimed.update(members)
+        groups, grouped = [], set()
+        for segment, mine in zip(segments, owned):
+            members = mine + [i for i in segment.boundary if i in position and i not in claimed]
+            claimed.update(members)
+            freed = frozenset(segment.freed)
+            raw_members = sum(tensors[i].nbytes for i in members if i not in freed)
+            held_elsewhere = sum(tensors[i].nbytes for i in segment.boundary
+                                 if i in position and i not in members)   # its own item may pack it too
+            held = raw_members + segment.extra_bytes + held_elsewhere + config.reserve_bytes_per_segment
+            fixed_freed = sum(tensors[i].nbytes for i in freed if i not in position)
+            if held >= sum(tensors[i].nbytes for i in members) + fixed_freed:
+                continue   # recomputing it frees nothing
+            merged, picks = merge_items([options[position[i]] for i in members])
+            groups.append(_Group(segment, [position[i] for i in members], merged, picks, freed, fixed_freed, held,
+                                 _seconds(segment.flops, segment.moved_bytes, config)))
+            grouped.update(members)
+        singles = [k for k, t in enumerate(candidates) if t.index not in grouped]
+        items = [options[k] for k in singles]
+        for g in groups:
+            items.append([Option(o.nbytes + repeats * g.fixed_freed, o.cost) for o in g.merged]
+                         + [Option(repeats * g.held_bytes, 0.0)])   # recompute: priced by price_recomputation
         fixed = repeats * (profile.baseline_bytes - sum(t.nbytes for t in candidates)
-                           - sum(r.bytes_before for r in recomputes))
+                           - sum(g.fixed_freed for g in groups))
         reserve = repeats * (config.reserve_bytes_per_node * profile.autograd_nodes
                              + config.reserve_bytes_per_packed * len(candidates))
-        items = ([[Option(repeats * nbytes, repeats * _weight(t, config, shares) * error**2) for _, error, nbytes in opts]
-                  for t, opts in zip(candidates, per_tensor)]
-                 + [[Option(repeats * r.bytes_before, 0.0), Option(repeats * r.bytes_after, 0.0)] for r in recomputes])
-        return cls(profile, candidates, skips, per_tensor, recomputes, inside_skips, fixed, reserve, items,
-                   dict(shares or {}))
+        seconds = sum(_seconds(r.flops, sum(b for _, b in r.storages), config) for r in profile.nodes)
+        return cls(profile, candidates, skips, per_tensor, groups, singles, fixed, reserve, items,
+                   dict(shares or {}), repeats * sum(weights), repeats * seconds, repeats)
+
+    def price_recomputation(self, cost_per_second: float) -> None:
+        """Set each group's recompute option's cost: ``cost_per_second`` × its predicted time."""
+        for g, item in zip(self.groups, self.items[len(self.singles):]):
+            item[-1] = Option(item[-1].nbytes, cost_per_second * self.repeats * g.seconds)
 
     def share_of(self, t: SavedTensor) -> float | None:
         """``t``'s gradient share; one the probe did not reach counts as the largest (as it is weighed)."""
@@ -143,15 +198,30 @@ class _GraphProblem:
 
     def decode(self, chosen: list[int]) -> tuple[list[Assignment], list[Skip]]:
         """The assignments and skips of ``chosen`` (one option index per item of :attr:`items`)."""
+        picks = {k: chosen[j] for j, k in enumerate(self.singles)}
+        recomputed = []
+        for g, pick in zip(self.groups, chosen[len(self.singles):]):
+            if pick == len(g.picks):
+                recomputed.append(g)
+            else:
+                picks.update(zip(g.members, g.picks[pick]))
         skips = list(self.skips)
-        n = len(self.candidates)
-        exact = {i for r, pick in zip(self.recomputes, chosen[n:]) if pick for i in r.arguments}
         assignments = []
-        for t, opts, pick in zip(self.candidates, self.per_tensor, chosen):
-            codec, error, nbytes = opts[pick]
-            if t.index in exact:   # an argument of a recomputed node; counted whole in its bytes_after
-                skips.append(Skip(t.node, t.ordinal, SkipReason.NOT_NEEDED, "argument of a recomputed node", t.nbytes))
-                continue
+        for g in recomputed:
+            for k in g.members:
+                t = self.candidates[k]
+                if t.index in g.freed:
+                    skips.append(Skip(t.node, t.ordinal, SkipReason.RECOMPUTED, g.segment.nodes[0], t.nbytes))
+                else:
+                    skips.append(Skip(t.node, t.ordinal, SkipReason.NOT_NEEDED,
+                                      f"held whole to recompute {g.segment.nodes[0]}..{g.segment.nodes[-1]}", t.nbytes))
+            before = sum(self.candidates[k].nbytes for k in g.members) + g.fixed_freed
+            assignments.append(Assignment(node=g.segment.nodes[0], ordinal=0, codec=RECOMPUTE,
+                                          options=(("nodes", g.segment.nodes), ("held", g.segment.held)),
+                                          epsilon=None, bytes_before=before, bytes_after=g.held_bytes, error=0.0))
+        for k in sorted(picks):
+            t, opts = self.candidates[k], self.per_tensor[k]
+            codec, error, nbytes = opts[picks[k]]
             if codec is None:
                 reason = SkipReason.NOT_NEEDED if len(opts) > 1 else SkipReason.NO_CODEC
                 skips.append(Skip(t.node, t.ordinal, reason, "", t.nbytes))
@@ -165,17 +235,13 @@ class _GraphProblem:
                                           shape=t.shape, dtype=t.dtype,
                                           gradient_share=self.share_of(t),
                                           exact_by_use=exact_for_use(codec, t.uses)))
-        for r, pick in zip(self.recomputes, chosen[n:]):
-            if pick == 0:
-                skips += [s for s in self.inside_skips if s.node == r.node]
-                skips += [Skip(t.node, t.ordinal, SkipReason.NOT_NEEDED, "", t.nbytes) for t in r.internal
-                          if not any(s.node == t.node and s.ordinal == t.ordinal for s in self.inside_skips)]
-                continue
-            skips += [Skip(t.node, t.ordinal, SkipReason.RECOMPUTED, "", t.nbytes) for t in r.internal]
-            assignments.append(Assignment(node=r.node, ordinal=min(t.ordinal for t in r.internal), codec=RECOMPUTE,
-                                          options=(), epsilon=None, bytes_before=r.bytes_before,
-                                          bytes_after=r.bytes_after, error=0.0))
         return assignments, skips
+
+
+def _seconds(flops: int, moved_bytes: int, config: CompileConfig) -> float:
+    """The time model: FLOPs at ``config.flops_per_second``, plus the bytes an op writes and reads
+    again at ``config.bytes_per_second`` (elementwise ops, which count no FLOPs, are bound by those)."""
+    return flops / config.flops_per_second + 2 * moved_bytes / config.bytes_per_second
 
 
 def smallest_plan_bytes(profile: MemoryProfile, config: CompileConfig, calibration: dict) -> int:
@@ -207,6 +273,12 @@ def choose_plans(profiles: list[MemoryProfile], config: CompileConfig, calibrati
                           smallest_bytes=None)
     shares = list(shares) if shares is not None else [None] * len(profiles)
     problems = [_GraphProblem.build(p, config, c, r, s) for p, c, r, s in zip(profiles, calibrations, repeats, shares)]
+    # λ·time in the error's units: recomputing the whole forward once costs time_weight × Σ weights
+    # (a mean squared relative error of time_weight over every compressible tensor)
+    forward_seconds = sum(p.seconds for p in problems)
+    cost_per_second = config.time_weight * sum(p.weight for p in problems) / max(forward_seconds, 1e-12)
+    for problem in problems:
+        problem.price_recomputation(cost_per_second)
     # Already met (or nothing saved): every item keeps its bytes. Uncompressed, the heap holds the
     # storages plus autograd's own records; a byte budget must leave room for those too (only a
     # fraction of 1 means "as it is").

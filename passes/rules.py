@@ -74,72 +74,60 @@ def integer_codecs(t: SavedTensor, config: CompileConfig) -> list:
     return [c for c in choices if c.supports(spec)]
 
 
-def recomputable(node: torch.fx.Node, held_inputs: frozenset[str] = frozenset()) -> bool:
-    """Can ``node`` run again in backward with the same result and no side effect?
+_IN_PLACE_OPERATORS = frozenset({"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior",
+                                  "ixor", "ilshift", "irshift", "imatmul"})
 
-    Not: a node reading a buffer or other held state (``held_inputs``, placeholder names: a
-    training BatchNorm would update its running statistics twice), modules with buffers or
-    ``inplace=True``, mutating ATen ops, higher-order ops (a custom Function, a checkpoint), and
-    Python callables outside torch.
+
+def recompute_kind(node: torch.fx.Node) -> str:
+    """May ``node`` run again in backward with the same result and no side effect?
+
+    ``"yes"``; ``"in-place"`` where it writes its first argument (``x += y``, ``relu_``,
+    ``inplace=True``): it may, but only together with the node that made that argument, so that
+    the recomputation writes a fresh tensor and never one from outside; ``"no"`` for
+    placeholders and outputs, side effects (grad-mode and autocast switches, asserts),
+    higher-order ops (a custom Function, a checkpoint), mutating ops that write elsewhere, modules
+    with buffers, and Python callables outside torch. Nodes reading buffers (a training
+    BatchNorm's running statistics) are ``"yes"``: a recomputation runs on copies of them
+    (:class:`actcompile.runtime.Recomputed`), so the statistics are updated once.
+
+    >>> import operator
+    >>> g = torch.fx.Graph(); x = g.placeholder("x")
+    >>> [recompute_kind(n) for n in (x, g.call_function(torch.relu, (x,)), g.call_function(operator.iadd, (x, x)))]
+    ['no', 'yes', 'in-place']
     """
-    if any(a.name in held_inputs for a in node.all_input_nodes):
-        return False
-    if isinstance(node.target, torch._ops.HigherOrderOperator):
-        return False
+    if node.op in ("placeholder", "output"):
+        return "no"
+    if node.op == "get_attr":
+        return "yes"
+    target = node.target
+    if isinstance(target, torch._ops.HigherOrderOperator) or target in torch.fx.node._side_effectful_functions:
+        return "no"
+    writes_first = bool(node.kwargs.get("inplace", False))
     if node.op == "call_module":
-        module = node.graph.owning_module.get_submodule(node.target)
-        return (next(module.buffers(), None) is None
-                and not any(getattr(m, "inplace", False) for m in module.modules()))
-    if node.op == "call_function":
-        target = node.target
-        if isinstance(target, torch._ops.OpOverload):
-            return not target._schema.is_mutable
+        module = node.graph.owning_module.get_submodule(target)
+        if next(module.buffers(), None) is not None:
+            return "no"
+        writes_first = writes_first or any(getattr(m, "inplace", False) for m in module.modules())
+    elif node.op == "call_method":
+        writes_first = writes_first or (target.endswith("_") and not target.startswith("__"))
+    elif isinstance(target, torch._ops.OpOverload):
+        schema = target._schema
+        written = [a.alias_info is not None and a.alias_info.is_write for a in schema.arguments]
+        if any(written[1:]):
+            return "no"
+        writes_first = writes_first or (bool(written) and written[0])
+    elif node.op == "call_function":
         module = getattr(target, "__module__", "") or ""
         name = getattr(target, "__name__", "")
-        return (module.startswith("torch") and not name.endswith("_")
-                and not node.kwargs.get("inplace", False))
-    return False
-
-
-@dataclasses.dataclass(frozen=True)
-class RecomputeCandidate:
-    """A node whose saved tensors no codec can shrink enough, and what recomputing it costs."""
-
-    node: str
-    internal: tuple[SavedTensor, ...]   # storages only this node saves: freed if it is recomputed
-    bytes_before: int
-    bytes_after: int                    # its arguments, held raw for the recomputation instead
-    arguments: tuple[int, ...]          # storage indices of its activation arguments (kept exact)
-
-
-def recompute_candidates(profile: MemoryProfile, config: CompileConfig) -> list[RecomputeCandidate]:
-    """Recomputable nodes holding ≥ ``min_tensor_bytes`` that no codec may touch (integers no
-    lossless codec narrows, such as oneDNN's uint8 LSTM workspace), where recomputing saves bytes."""
-    savers: dict[int, set[str]] = {}
-    for e in profile.events:
-        savers.setdefault(e.storage, set()).add(e.node)
-    by_index = {t.index: t for t in profile.tensors}
-    out = []
-    for node, args in profile.node_inputs:
-        internal = tuple(t for t in profile.tensors if t.is_activation and savers[t.index] == {node})
-        stuck = sum(t.nbytes for t in internal
-                    if not getattr(torch, t.dtype).is_floating_point and not integer_codecs(t, config))
-        if stuck < max(config.min_tensor_bytes, 1):
-            continue
-        # Arguments are held raw for the recomputation (a lossy copy could change, say, which
-        # element a max-pool picks): count them whole, even where a codec would have shrunk them.
-        held = {}
-        for k, (index, nbytes) in enumerate(args):
-            if index < 0:
-                held[-k - 1] = nbytes                       # not saved by anyone else
-            elif by_index.get(index) is not None and by_index[index].is_activation:
-                held[index] = nbytes
-        before = sum(t.nbytes for t in internal)
-        after = sum(held.values())
-        if after < before:
-            arguments = tuple(i for i in held if i >= 0 and i not in {t.index for t in internal})
-            out.append(RecomputeCandidate(node, internal, before, after, arguments))
-    return out
+        if module in ("_operator", "operator"):
+            writes_first = writes_first or name in _IN_PLACE_OPERATORS
+        elif not module.startswith("torch"):
+            return "no"
+        else:
+            writes_first = writes_first or (name.endswith("_") and not name.startswith("__"))
+    if writes_first and not (node.args and isinstance(node.args[0], torch.fx.Node)):
+        return "no"
+    return "in-place" if writes_first else "yes"
 
 
 def split_candidates(profile: MemoryProfile, config: CompileConfig) -> tuple[list[SavedTensor], list[Skip]]:

@@ -176,3 +176,39 @@ def choose_options_within(items: list[list[Option]], max_cost: float) -> list[in
 def smallest_total(items: list[list[Option]]) -> int:
     """The least total bytes any choice reaches."""
     return sum(min(o.nbytes for o in opts) for opts in items)
+
+
+def merge_items(items: list[list[Option]], limit: int = 128) -> tuple[list[Option], list[tuple[int, ...]]]:
+    """One item standing for all of ``items`` together: its options are the Pareto-best sums
+    (no other sum is both smaller and cheaper), at most ``limit`` of them (the lower convex
+    hull's points first, then evenly spaced by bytes), each with the member options it sums.
+    The first is always every member's first option (``keep as is``), even where dominated.
+
+    The policy decides a recomputable segment's storages together (recompute them all, or give
+    each its own option): the merged item is the second choice, next to the first.
+
+    >>> options, picks = merge_items([[Option(100, 0.0), Option(10, 1.0)], [Option(50, 0.0), Option(20, 0.5)]])
+    >>> [(o.nbytes, o.cost) for o in options], picks
+    ([(150, 0.0), (120, 0.5), (60, 1.0), (30, 1.5)], [(0, 0), (0, 1), (1, 0), (1, 1)])
+    """
+    front: list[tuple[Option, tuple[int, ...]]] = [(Option(0, 0.0), ())]
+    for opts in items:
+        sums = [(Option(a.nbytes + o.nbytes, a.cost + o.cost), picks + (i,))
+                for a, picks in front for i, o in enumerate(opts)]
+        sums.sort(key=lambda s: (s[0].nbytes, s[0].cost))
+        front = []
+        for s in sums:   # smallest first: keep each sum cheaper than every smaller one
+            if not front or s[0].cost < front[-1][0].cost:
+                front.append(s)
+        if len(front) > limit:
+            options = [o for o, _ in front]
+            keep = set(_lower_hull(options))
+            rest = [i for i in range(len(front)) if i not in keep]
+            room = max(0, limit - len(keep))
+            if room:
+                keep.update(rest[int(k * len(rest) / room)] for k in range(room))
+            front = [front[i] for i in sorted(keep)]
+        front.sort(key=lambda s: (-s[0].nbytes, s[0].cost))
+    first = (Option(sum(opts[0].nbytes for opts in items), sum(opts[0].cost for opts in items)), (0,) * len(items))
+    front = [first] + [s for s in front if s[1] != first[1]]   # every member's first option stays first
+    return [o for o, _ in front], [p for _, p in front]

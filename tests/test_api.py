@@ -216,7 +216,7 @@ def test_never_compressed_tensors_get_skips_with_reasons():
     plan = explain(model, x, budget=0.25, narrow_integers=False)
     reasons = {s.reason.name for s in plan.skipped}
     assert {"PARAMETER", "BUFFER", "INPUT", "NOT_FLOAT", "TOO_SMALL"} <= reasons
-    compressed = {(a.node, a.ordinal) for a in plan.assignments}
+    compressed = {(a.node, a.ordinal) for a in plan.assignments if a.codec != "recompute"}   # that names a run
     assert not compressed & {(s.node, s.ordinal) for s in plan.skipped if s.reason.name != "NOT_NEEDED"}
     # by default the max-pool's int64 indices are a candidate of the lossless integer codecs
     narrowed = explain(model, x, budget=0.25)
@@ -342,7 +342,8 @@ def test_variable_rate_codecs_plug_into_the_policy(codec):
 
     torch.manual_seed(0)
     model, x = UNet().train(), _near_identical_photos()
-    compiled = actcompile(model, budget=0.9, example_inputs=x, codecs=[codec], epsilons=(0.05, 0.2, 0.45))
+    compiled = actcompile(model, budget=0.9, example_inputs=x, codecs=[codec], epsilons=(0.05, 0.2, 0.45),
+                          recompute=False)   # recomputing a segment would meet this budget as well
     used = [a for a in compiled.plan.assignments if a.codec == codec]
     assert used, f"{codec} was never chosen"
     assert all(dict(a.options)["max_bytes"] == a.bytes_after for a in used)

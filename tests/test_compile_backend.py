@@ -174,7 +174,7 @@ def test_compiling_a_wrapped_module_runs_the_eager_back_end(batch):
     """torch.compile(actcompile(model)) must not silently compress nothing."""
     x, labels = batch
     model = mlp()
-    wrapped = wrap(model, budget=0.25, example_inputs=x)
+    wrapped = wrap(model, budget=0.35, example_inputs=x)   # this small MLP's reserve is a large part of 1/4
     _, ref = grads_of(model, x, labels)
     _, got = grads_of(torch.compile(wrapped, backend="eager"), x, labels)
     assert wrapped.last_stats.packed_tensors > 0

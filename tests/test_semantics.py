@@ -184,6 +184,8 @@ def test_freezing_a_layer_after_planning_recaptures_and_packs_no_parameter():
     assert cosine(ref, got) > 0.99
     parameters = {tuple(p.shape) for p in model.parameters()}
     for a in compiled.plan.assignments:   # every packed tensor is an activation (batch-sized)
+        if a.codec == "recompute":
+            continue   # a run of nodes re-run in backward, not a packed tensor
         assert a.shape[0] == BATCH and tuple(a.shape) not in parameters, a
 
 

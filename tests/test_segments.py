@@ -1,0 +1,162 @@
+"""Recomputing runs of nodes in backward (passes/segments.py) inside the same plan as the codecs."""
+
+import copy
+import itertools
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from actcompile import actcompile, explain
+from actcompile.measure import compare_gradients, forward_backward, kept_by_forward
+from actcompile.passes.capture import capture_graphs
+from actcompile.passes.memory import profile_memory
+from actcompile.passes.segments import find_segments
+from actcompile.passes.solvers import Option, merge_items
+from actcompile.zoo import build
+
+
+class Block(nn.Module):
+    """conv-BN-ReLU(in place)-dropout-conv-BN, plus the input (``out += x``), ReLU in place."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x):
+        out = self.drop(self.relu(self.bn1(self.conv1(x))))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu(out)
+
+
+class ResNetish(nn.Module):
+    def __init__(self, width=16, blocks=4, frozen_middle=False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.blocks = nn.ModuleList(Block(width) for _ in range(blocks))
+        self.head = nn.Linear(width, 10)
+        self.frozen_middle = frozen_middle
+
+    def forward(self, x):
+        x = self.stem(x)
+        for i, block in enumerate(self.blocks):
+            if self.frozen_middle and i == 1:
+                with torch.no_grad():   # a grad-mode region no recomputed run may cross
+                    x = block(x)
+            else:
+                x = block(x)
+        return self.head(x.mean((2, 3)))
+
+
+def make(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = ResNetish(**kwargs).train()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return model, x
+
+
+def recomputed(plan):
+    return [a for a in plan.assignments if a.codec == "recompute"]
+
+
+def test_runs_are_cut_into_segments_that_cover_the_blocks():
+    model, x = make()
+    (graph,) = capture_graphs(model, x)
+    segments = find_segments(profile_memory(graph))
+    assert len(segments) >= 2, [s.nodes for s in segments]
+    names = [n for s in segments for n in s.nodes]
+    assert len(names) == len(set(names)), "segments overlap"
+    order = {n.name: i for i, n in enumerate(graph.gm.graph.nodes)}
+    for s in segments:
+        assert [order[n] for n in s.nodes] == sorted(order[n] for n in s.nodes)
+        assert set(s.freed) <= set(s.owned) and s.moved_bytes > 0
+        assert any("running_mean" in h for h in s.held), s.held   # the BatchNorms' buffers are copied
+
+
+def test_grad_mode_switches_are_never_inside_a_segment():
+    model, x = make(frozen_middle=True)
+    (graph,) = capture_graphs(model, x)
+    switches = {n.name for n in graph.gm.graph.nodes if n.target is torch._C._set_grad_enabled}
+    assert switches, "the no_grad region was not captured"
+    segments = find_segments(profile_memory(graph))
+    assert segments and not switches & {n for s in segments for n in s.nodes}
+
+
+@pytest.mark.parametrize("frozen_middle", [False, True])
+def test_recomputed_segments_are_exact_and_update_batchnorm_once(frozen_middle):
+    """Recomputation alone meets 0.6: outputs are bit-identical, gradients
+    equal to the uncompressed model's, dropout draws the same mask, running statistics move once."""
+    model, x = make(frozen_middle=frozen_middle)
+    reference = copy.deepcopy(model)
+    compiled = actcompile(model, budget=0.6, example_inputs=x, codecs=["none"])   # no lossy codec at all
+    assert recomputed(compiled.plan), str(compiled.plan)
+    assert all(a.error == 0.0 for a in compiled.plan.assignments)
+    ref_out, ref = forward_backward(reference, x, seed=3)
+    out, got = forward_backward(compiled, x, seed=3)
+    assert torch.equal(out, ref_out)
+    cosine, rel = compare_gradients(ref, got)
+    assert rel < 1e-5, f"recomputation changed gradients: rel err {rel:.3g}"
+    for (name, a), b in zip(reference.named_buffers(), model.buffers()):
+        assert torch.equal(a, b), f"{name} differs after one step: updated twice?"
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.25, 0.125])
+def test_measured_bytes_stay_under_the_budget_with_recomputation(budget):
+    model, x = make()
+    compiled = actcompile(model, budget=budget, example_inputs=x, time_weight=0.0)
+    plan = compiled.plan
+    assert plan.planned_bytes <= plan.budget_bytes
+    kept = kept_by_forward(compiled, x)
+    assert kept <= plan.budget_bytes, f"budget {budget}: heap kept {kept} B > budget {plan.budget_bytes} B"
+
+
+def test_joint_plan_beats_codecs_alone_on_gradients_at_one_eighth():
+    model, x = build("resnet18")
+    lossy = actcompile(copy.deepcopy(model), budget=0.125, example_inputs=x, recompute=False)
+    joint = actcompile(copy.deepcopy(model), budget=0.125, example_inputs=x)
+    assert recomputed(joint.plan) and not recomputed(lossy.plan)
+    _, ref = forward_backward(model, x)
+    cos_lossy = compare_gradients(ref, forward_backward(lossy, x)[1])[0]
+    cos_joint = compare_gradients(ref, forward_backward(joint, x)[1])[0]
+    assert cos_joint > cos_lossy, f"joint cos {cos_joint:.5f} <= codecs alone {cos_lossy:.5f}"
+    assert cos_joint >= 0.999, f"joint plan at 1/8: gradient cosine {cos_joint:.5f}"
+
+
+def test_time_weight_prices_recomputation():
+    """Priced out (a huge λ), nothing is recomputed; free, the same budget recomputes."""
+    model, x = make()
+    costly = explain(model, x, budget=0.25, time_weight=1e9)
+    free = explain(model, x, budget=0.25, time_weight=0.0)
+    assert not recomputed(costly) and recomputed(free)
+    assert sum(a.error ** 2 for a in free.assignments) < sum(a.error ** 2 for a in costly.assignments)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("inf"), "fast", True])
+def test_bad_time_model_options_are_refused(bad):
+    model, x = make()
+    with pytest.raises(ValueError, match="time_weight"):
+        explain(model, x, budget=0.5, time_weight=bad)
+
+
+def test_merged_items_are_the_pareto_front_of_all_combinations():
+    rng = random.Random(0)
+    for _ in range(50):
+        items = [[Option(rng.randrange(1, 100), rng.random()) for _ in range(rng.randrange(1, 4))] for _ in range(3)]
+        options, picks = merge_items(items)
+        assert picks[0] == (0, 0, 0)
+        sums = {}
+        for combo in itertools.product(*(range(len(o)) for o in items)):
+            nbytes = sum(items[k][i].nbytes for k, i in enumerate(combo))
+            cost = sum(items[k][i].cost for k, i in enumerate(combo))
+            sums[combo] = (nbytes, cost)
+        for option, combo in zip(options, picks):
+            assert sums[combo] == pytest.approx((option.nbytes, option.cost))
+        for nbytes, cost in sums.values():   # every combination is matched or beaten by a kept one
+            assert any(o.nbytes <= nbytes and o.cost <= cost + 1e-12 for o in options)
