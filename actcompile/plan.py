@@ -221,6 +221,8 @@ class Assignment:
                                           # (passes/sensitivity.py); None where not probed
     exact_by_use: bool = False   # exact whatever the values: every backward reading it reads only
                                  # what the codec keeps (a ReLU's mask); drift checks skip it
+    saved_by: tuple[tuple[str, int], ...] = ()   # the other (node, ordinal) saves of the same storage:
+                                                 # whichever runs first packs it (the first may be recomputed)
 
     def __post_init__(self):
         _require(self.bytes_before >= 0, "Assignment", "bytes_before", self.bytes_before, "must be >= 0")
@@ -307,9 +309,12 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
+        def tuples(v):   # JSON has lists where the records have tuples
+            return tuple(tuples(x) for x in v) if isinstance(v, list) else v
+
         def assignment(d):
-            options = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in d["options"])   # JSON lists
-            d = dict(d, options=options, shape=tuple(d["shape"]))
+            options = tuple((k, tuples(v)) for k, v in d["options"])
+            d = dict(d, options=options, shape=tuple(d["shape"]), saved_by=tuples(d.get("saved_by", [])))
             return Assignment(**d)
 
         regions = tuple(

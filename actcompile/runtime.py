@@ -160,6 +160,16 @@ class _Session:
         self.stats.raw_bytes_replaced += storage.nbytes()
         return (holder, tuple(t.shape), t.stride(), t.storage_offset())
 
+    def pack_as(self, t: torch.Tensor, key: tuple[str, int]):
+        """:meth:`pack` ``t`` as if saved by ``key`` = ``(node, ordinal)`` (a recomputed run keeps
+        its argument in the form the plan gives that save); returns what :func:`_unpack` reads."""
+        node, ordinal = self.node, self.ordinal
+        self.node, self.ordinal = key
+        try:
+            return self.pack(t)
+        finally:
+            self.node, self.ordinal = node, ordinal
+
     def _check(self, eager, codec, whole: torch.Tensor, payload) -> None:
         """Record the codec's error on ~:data:`CHECK_VALUES` evenly spaced values of ``whole``.
 
@@ -234,26 +244,42 @@ class Recomputed:
     ``held``: positions of arguments that are buffers or other state the forward mutates (a
     training BatchNorm's running statistics): the recomputation runs on copies taken before the
     call, so it sees what the forward saw and the statistics are updated once, not twice.
+    ``packed``: ``(position, (node, ordinal))`` of arguments kept for the recomputation in the
+    packed form the plan gives that save (the one an earlier save of the storage made, else
+    packed here): the forward runs on the real argument, the recomputation on its decoded copy,
+    and the argument itself is not kept.
     """
 
-    def __init__(self, fn, held: tuple[int, ...] = ()):
+    def __init__(self, fn, held: tuple[int, ...] = (), packed: tuple = ()):
         self.fn = fn
         self.held = tuple(held)
+        self.packed = tuple(packed)
         self.__name__ = f"recompute_{getattr(fn, '__name__', type(fn).__name__)}"
 
     def __call__(self, *args, **kwargs):
-        if not self.held or not torch.is_grad_enabled():
+        session = _session()
+        packed = self.packed if session is not None else ()
+        if not (self.held or packed) or not torch.is_grad_enabled():
             return recompute(self.fn, *args, **kwargs)
-        copies = {i: args[i].clone() for i in self.held if isinstance(args[i], torch.Tensor)}
-        calls = []
+        kept = list(args)
+        for i in self.held:
+            if isinstance(args[i], torch.Tensor):
+                kept[i] = args[i].clone()
+        for i, key in packed:
+            kept[i] = session.pack_as(args[i], tuple(key))
+        forward = [args]   # the real arguments, dropped once the forward ran
+        # a decoded argument needs the original's requires_grad: the recomputation must save
+        # what the forward saved (the ops' input-gradient formulas), or checkpoint refuses it
+        decoded = {i: args[i].requires_grad for i, _ in packed}
 
-        def run(*a, **kw):
-            if calls:   # a recomputation in backward
-                a = tuple(copies.get(i, x) for i, x in enumerate(a))
-            calls.append(None)
-            return self.fn(*a, **kw)
+        def run(**kw):
+            if forward:
+                return self.fn(*forward.pop(), **kw)
+            return self.fn(*(_unpack(x).detach().requires_grad_(decoded[i]) if i in decoded else x
+                             for i, x in enumerate(kept)), **kw)
 
-        return recompute(run, *args, **kwargs)
+        del args
+        return recompute(run, **kwargs)
 
 
 # The markers have effects the graph does not see: keep dead-code elimination off them.

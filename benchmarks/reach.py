@@ -9,13 +9,14 @@ uncompressed model measures, outputs included), three plans of the eager back en
   integer narrowing stays on, as it loses nothing);
 - **joint**: the default plan, codecs and recomputed segments priced by ``time_weight``.
 
-Each row is two fresh processes (as ``speed.py``): one measures memory (``MALLOC_ARENA_MAX=1``,
-``MALLOC_MMAP_THRESHOLD_=65536``): **activation MB** (heap growth across a training forward),
-**peak MB** (``VmHWM`` over one forward+backward above what the process held before it); one
-measures the **step ×** (median of 5 forward+backward steps interleaved with the uncompressed
-model's, after 2 warm-up steps). **grad cosine**: all parameter gradients against the
-uncompressed step with the model's real loss (cross-entropy; the LM loss), dropout off.
-**plan s**: ``plan.planning_seconds``. Codec kernels run eagerly
+Each model is measured in one fresh process (``MALLOC_ARENA_MAX=1``, ``MALLOC_MMAP_THRESHOLD_=65536``
+so freed tensors leave the process at once), every plan on a fresh copy of the model:
+**activation MB** (heap growth across a training forward), **peak MB** (``VmHWM`` over one
+forward+backward above what the process held before it), **step ×** (median of 5
+forward+backward steps interleaved with the uncompressed model's, after 2 warm-up steps; the mmap
+threshold slows every allocation of both alike). **grad cosine**: all parameter gradients
+against the uncompressed step with the model's real loss (cross-entropy; the LM loss), dropout
+off. **plan s**: ``plan.planning_seconds``. Codec kernels run eagerly
 (``ACTCOMPILE_COMPILE_CODECS=0``): compiling them takes minutes per shape on this machine and
 changes the time, not the memory or the gradients.
 
@@ -47,7 +48,10 @@ MODES = ("lossy", "recompute", "joint")
 OPTIONS = {"lossy": dict(recompute=False), "recompute": dict(codecs=["none"]), "joint": {}}
 
 
-def measure_one(name: str, fraction: float, mode: str, what: str) -> dict:
+def measure_model(name: str, fractions, modes) -> list[dict]:
+    """Every (budget, mode) row of one model, in this process."""
+    import copy
+
     from actcompile import actcompile
     from actcompile.errors import BudgetError
     from actcompile.measure import heap_in_use
@@ -59,60 +63,65 @@ def measure_one(name: str, fraction: float, mode: str, what: str) -> dict:
     reference = torch.cat([p.grad.flatten() for p in params]).double()
     for p in params:
         p.grad = None
+    torch.manual_seed(0)
     before = heap_in_use()
     out = call(model, inputs)
     uncompressed = heap_in_use() - before
     del out
-    budget = int(fraction * uncompressed)
-    try:
-        trained = actcompile(model, budget=budget, example_inputs=inputs, **OPTIONS[mode])
-    except BudgetError as err:
-        return dict(error=f"no plan (smallest {err.smallest_bytes / 1e6:.2f} MB)", budget_bytes=budget,
-                    uncompressed_bytes=uncompressed)
-    for _ in range(2):
-        step(trained, params, inputs, loss)
-    got = torch.cat([p.grad.flatten() for p in params]).double()
-    plan = trained.plan
-    result = dict(budget_bytes=budget, uncompressed_bytes=uncompressed, plan_s=plan.planning_seconds,
-                  grad_cosine=F.cosine_similarity(got, reference, dim=0).item(),
-                  recomputed=sum(1 for a in plan.assignments if a.codec == "recompute"),
-                  codecs=sorted({a.codec for a in plan.assignments} - {"recompute"}))
-    if what == "memory":
-        for p in params:
-            p.grad = None
-        torch.manual_seed(0)
-        before = heap_in_use()
-        out = call(trained, inputs)
-        result["activation_bytes"] = heap_in_use() - before
-        del out
-        for p in params:
-            p.grad = None
-        before = rss_status()["VmRSS"]
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        step(trained, params, inputs, loss)
-        result["peak_bytes"] = rss_status()["VmHWM"] - before
-    else:
-        times = {"eager": [], mode: []}
-        for _ in range(5):   # interleaved, so drift hits both alike
-            for label, m in (("eager", model), (mode, trained)):
-                start = time.perf_counter()
-                step(m, params, inputs, loss)
-                times[label].append(time.perf_counter() - start)
-        result["step_ratio"] = statistics.median(times[mode]) / statistics.median(times["eager"])
-    return result
+    rows = []
+    for fraction in fractions:
+        for mode in modes:
+            row = dict(model=name, fraction=fraction, mode=mode, budget_bytes=int(fraction * uncompressed),
+                       uncompressed_bytes=uncompressed)
+            rows.append(row)
+            copied = copy.deepcopy(model)
+            own = [p for p in copied.parameters() if p.requires_grad]
+            try:
+                trained = actcompile(copied, budget=row["budget_bytes"], example_inputs=inputs, **OPTIONS[mode])
+            except BudgetError as err:
+                row["error"] = f"no plan (smallest {err.smallest_bytes / 1e6:.2f} MB)"
+                continue
+            for _ in range(2):
+                step(trained, own, inputs, loss)
+            got = torch.cat([p.grad.flatten() for p in own]).double()
+            plan = trained.plan
+            row.update(plan_s=plan.planning_seconds, grad_cosine=F.cosine_similarity(got, reference, dim=0).item(),
+                       recomputed=sum(1 for a in plan.assignments if a.codec == "recompute"),
+                       codecs=sorted({a.codec for a in plan.assignments} - {"recompute"}))
+            for p in own:
+                p.grad = None
+            torch.manual_seed(0)
+            before = heap_in_use()
+            out = call(trained, inputs)
+            row["activation_bytes"] = heap_in_use() - before
+            del out
+            for p in own:
+                p.grad = None
+            before = rss_status()["VmRSS"]
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            step(trained, own, inputs, loss)
+            row["peak_bytes"] = rss_status()["VmHWM"] - before
+            times = {"eager": [], mode: []}
+            for _ in range(5):   # interleaved, so drift hits both alike
+                for label, m, ps in (("eager", model, params), (mode, trained, own)):
+                    start = time.perf_counter()
+                    step(m, ps, inputs, loss)
+                    times[label].append(time.perf_counter() - start)
+            row["step_ratio"] = statistics.median(times[mode]) / statistics.median(times["eager"])
+            del trained, copied
+    return rows
 
 
-def run_child(name, fraction, mode, what) -> dict:
-    env = dict(os.environ, MALLOC_ARENA_MAX="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
-               ACTCOMPILE_COMPILE_CODECS="0")
-    if what == "memory":
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    cmd = [sys.executable, __file__, "--one", name, str(fraction), mode, what]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+def run_child(name, fractions, modes) -> list[dict]:
+    env = dict(os.environ, MALLOC_ARENA_MAX="1", MALLOC_MMAP_THRESHOLD_="65536",
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), ACTCOMPILE_COMPILE_CODECS="0")
+    cmd = [sys.executable, __file__, "--one", name, json.dumps(list(fractions)), json.dumps(list(modes))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=7200)
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-        return {"error": lines[-1][:160] if lines else f"exit {proc.returncode}"}
+        return [dict(model=name, fraction=f, mode=m, error=lines[-1][:160] if lines else f"exit {proc.returncode}")
+                for f in fractions for m in modes]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -121,12 +130,12 @@ def main(argv=None) -> None:
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--budgets", nargs="+", type=float, default=BUDGETS)
     parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
-    parser.add_argument("--one", nargs=4, metavar=("MODEL", "FRACTION", "MODE", "WHAT"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=3, metavar=("MODEL", "FRACTIONS", "MODES"), help=argparse.SUPPRESS)
     ns = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     if ns.one:
-        name, fraction, mode, what = ns.one
-        print(json.dumps(measure_one(name, float(fraction), mode, what)))
+        name, fractions, modes = ns.one
+        print(json.dumps(measure_model(name, json.loads(fractions), json.loads(modes))))
         return
     print(f"Date: {datetime.date.today()}  \nCommand: `python benchmarks/reach.py {' '.join(argv or sys.argv[1:])}`  \n"
           f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU\n")
@@ -134,21 +143,17 @@ def main(argv=None) -> None:
           "| plan s | recomputed segments | codecs |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in ns.models:
-        for fraction in ns.budgets:
-            for mode in ns.modes:
-                memory = run_child(name, fraction, mode, "memory")
-                if "activation_bytes" not in memory:
-                    budget = f"{memory['budget_bytes'] / 1e6:.2f}" if "budget_bytes" in memory else ""
-                    print(f"| {name} | 1/{round(1 / fraction)} | {mode} | | {budget} | {memory['error']} "
-                          "| | | | | | |", flush=True)
-                    continue
-                timing = run_child(name, fraction, mode, "time")
-                ratio = f"{timing['step_ratio']:.2f}" if "step_ratio" in timing else timing.get("error", "")
-                over = " (over)" if memory["activation_bytes"] > memory["budget_bytes"] else ""
-                print(f"| {name} | 1/{round(1 / fraction)} | {mode} | {memory['uncompressed_bytes'] / 1e6:.2f} "
-                      f"| {memory['budget_bytes'] / 1e6:.2f} | {memory['activation_bytes'] / 1e6:.2f}{over} "
-                      f"| {memory['peak_bytes'] / 1e6:.1f} | {memory['grad_cosine']:.5f} | {ratio} "
-                      f"| {memory['plan_s']:.1f} | {memory['recomputed']} | {', '.join(memory['codecs'])} |", flush=True)
+        for r in run_child(name, ns.budgets, ns.modes):
+            head = f"| {name} | 1/{round(1 / r['fraction'])} | {r['mode']} "
+            if "activation_bytes" not in r:
+                budget = f"{r['budget_bytes'] / 1e6:.2f}" if "budget_bytes" in r else ""
+                print(head + f"| | {budget} | {r['error']} | | | | | | |", flush=True)
+                continue
+            over = " (over)" if r["activation_bytes"] > r["budget_bytes"] else ""
+            print(head + f"| {r['uncompressed_bytes'] / 1e6:.2f} | {r['budget_bytes'] / 1e6:.2f} "
+                  f"| {r['activation_bytes'] / 1e6:.2f}{over} | {r['peak_bytes'] / 1e6:.1f} | {r['grad_cosine']:.5f} "
+                  f"| {r['step_ratio']:.2f} | {r['plan_s']:.1f} | {r['recomputed']} | {', '.join(r['codecs'])} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -61,18 +61,22 @@ def compression_table(plan: Plan, compile_codecs: bool = False) -> dict:
     """``{(node, ordinal): runtime.Planned}`` for every codec assignment of ``plan``; with
     ``compile_codecs`` each codec runs as compiled kernels (:class:`CompiledCodec`)."""
     table = {}
+    renamed: dict[str, str] = {}
     for a in plan.assignments:
         if a.codec == RECOMPUTE:
             continue
         codec = get_codec(a.codec, **dict(a.options), **({"epsilon": a.epsilon} if a.epsilon is not None else {}))
         if compile_codecs and getattr(codec, "traceable", True):   # narrow's range check reads data
             codec = CompiledCodec(codec)
-        table[(a.node, a.ordinal)] = runtime.Planned(codec, tuple(a.shape), getattr(torch, a.dtype))
+        planned = runtime.Planned(codec, tuple(a.shape), getattr(torch, a.dtype))
+        table[(a.node, a.ordinal)] = planned
+        for key in a.saved_by:   # another save of the storage: if it runs first, it packs it
+            table.setdefault(tuple(key), planned)
     return table
 
 
 def _wrap_in_recompute(gm: torch.fx.GraphModule, graph: torch.fx.Graph, names: tuple[str, ...],
-                       held: tuple[str, ...]) -> None:
+                       held: tuple[str, ...], packed: tuple = (), renamed: dict | None = None) -> None:
     """Replace the run of nodes ``names`` by one call that recomputes them in backward::
 
         y = f(x); z = g(y)    →    recompute_z = Recomputed(segment)(x); z = recompute_z[0]
@@ -81,7 +85,12 @@ def _wrap_in_recompute(gm: torch.fx.GraphModule, graph: torch.fx.Graph, names: t
     where the last of them was (every node in between reads nothing they make: see
     :mod:`actcompile.passes.segments`); its outputs are the values read after it. ``held``
     names the placeholders it reads that the forward mutates (buffers): copied for the recomputation.
+    ``packed``: ``(node read, saving node, ordinal)`` of arguments kept packed as that save is.
+    ``renamed`` maps a node an earlier wrap replaced to the node standing for it now (updated here).
     """
+    renamed = {} if renamed is None else renamed
+    held = {renamed.get(name, name) for name in held}
+    packed = tuple((renamed.get(name, name), node, ordinal) for name, node, ordinal in packed)
     nodes_by_name = {n.name: n for n in graph.nodes}
     nodes = [nodes_by_name[name] for name in names]
     inside = set(nodes)
@@ -97,13 +106,16 @@ def _wrap_in_recompute(gm: torch.fx.GraphModule, graph: torch.fx.Graph, names: t
     sub.lint()
     segment = torch.fx.GraphModule(gm, sub, class_name=f"Segment_{names[0]}")
     positions = tuple(k for k, a in enumerate(outside) if a.name in held)
+    keys = {name: (node, ordinal) for name, node, ordinal in packed}
+    packed_positions = tuple((k, keys[a.name]) for k, a in enumerate(outside) if a.name in keys)
     with graph.inserting_after(nodes[-1]):
-        call = graph.call_function(runtime.Recomputed(segment, positions), tuple(outside))
+        call = graph.call_function(runtime.Recomputed(segment, positions, packed_positions), tuple(outside))
         call.meta["val"] = tuple(n.meta.get("val", n.meta.get("example_value")) for n in results)
         with graph.inserting_after(call):
             for k, n in reversed(list(enumerate(results))):
                 out = graph.call_function(operator.getitem, (call, k))
                 out.meta = dict(n.meta)
+                renamed[n.name] = out.name
                 n.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inside)
     for n in reversed(nodes):
         graph.erase_node(n)
@@ -123,11 +135,16 @@ def emit_regions(gm: torch.fx.GraphModule, plan: Plan, compile_codecs: bool = Fa
     missing = [name for name in named if name not in nodes]
     if missing:
         raise ValueError(f"emit_regions: plan names nodes {missing[:5]} that the graph does not have")
+    renamed: dict[str, str] = {}
     for a in plan.assignments:
         if a.codec == RECOMPUTE:
             options = dict(a.options)
-            _wrap_in_recompute(gm, graph, tuple(options.get("nodes", (a.node,))), tuple(options.get("held", ())))
-    for name in dict.fromkeys(a.node for a in plan.assignments if a.codec != RECOMPUTE):
+            _wrap_in_recompute(gm, graph, tuple(options.get("nodes", (a.node,))), tuple(options.get("held", ())),
+                               tuple(tuple(p) for p in options.get("packed", ())), renamed)
+    nodes = {n.name: n for n in graph.nodes}   # a packed save made inside a recomputed run has no marker:
+                                               # the run packs it for itself (runtime.Recomputed)
+    savers = (name for a in plan.assignments if a.codec != RECOMPUTE for name in (a.node, *(n for n, _ in a.saved_by)))
+    for name in dict.fromkeys(name for name in savers if name in nodes):
         node = nodes[name]
         with graph.inserting_before(node):
             graph.call_function(runtime.begin_node, (name,))

@@ -11,8 +11,8 @@ With ``"bytes"``, ``w`` is the tensor's size. Measured on ResNet-18 at 1/4 of it
 bytes: gradient cosine 0.99943 per-tensor vs. 0.99875 size-weighted. Lossless choices cost nothing and are taken
 first. A run of nodes may be recomputed in backward instead (activation checkpointing,
 :mod:`actcompile.passes.segments`): one item decides a segment's storages together, each its own
-codec or all freed by recomputing it (what it reads held whole), at a cost of λ × its predicted
-time (``time_weight``, see :class:`CompileConfig`); that also frees what no codec may touch (an
+codec or all freed by recomputing it (what it reads kept whole or packed), at a cost of λ × its
+predicted time (``time_weight``, see :class:`CompileConfig`); that also frees what no codec may touch (an
 LSTM's uint8 workspace, int64 indices with narrowing off). A budget already met (with room for
 autograd's records: a byte budget just above the storages is not met) compresses nothing; a budget no choice meets raises
 :class:`~actcompile.errors.BudgetError` with the smallest bytes reachable.
@@ -46,11 +46,18 @@ from actcompile.config import CompileConfig
 from actcompile.errors import BudgetError
 from actcompile.plan import (RECOMPUTE, Assignment, MemoryProfile, Plan, Region, SavedTensor, Skip, SkipReason,
                              format_bytes)
-from actcompile.passes.rules import exact_for_use, split_candidates
+from actcompile.passes.rules import exact_for_use, reads_sign, split_candidates
 from actcompile.passes.segments import Segment, find_segments
 from actcompile.passes.solvers import Option, choose_options, choose_options_within, merge_items, smallest_total
 
 Key = tuple[str, int]
+# A recomputation from a lossy boundary re-makes the segment's ReLU (and other branching) masks
+# from noisy values: masks flip where |x| is below the noise, and a flipped mask passes or blocks
+# a whole gradient element. Such a segment's boundary error is weighed this many times more.
+# Measured on ResNet-18 (b8, 64²) at 1/4, 1/8, 1/16, gradient cosine: ×1 0.99801, 0.99831,
+# 0.99261; ×100 0.99980, 0.99890, 0.99261; ×1000 0.99980, 0.99974, 0.99403; ×10⁴ 0.99980,
+# 0.99974, 0.98866; only lossless boundaries 0.99980, 0.99974, 0.97761.
+BRANCHING_SPREAD = 1000.0
 
 
 def _options(t: SavedTensor, measured: list[tuple[object, float, int]]) -> list[tuple[object, float, int]]:
@@ -111,7 +118,11 @@ class _Group:
     picks: list[tuple[int, ...]]  # per merged option: each member's option index
     freed: frozenset[int]         # storage indices recomputing frees
     fixed_freed: int              # bytes of freed storages no codec may touch (counted in `fixed` otherwise)
-    held_bytes: int               # bytes held whole when it is recomputed
+    held_bytes: int               # bytes held whole when it is recomputed (besides its boundary members)
+    boundary: list[int]           # positions of the members it reads from outside: kept for the
+                                  # recomputation, each whole or packed by a codec that keeps its values
+    boundary_options: list[Option]          # their Pareto-best sums (error weighed with what it propagates to)
+    boundary_picks: list[tuple[int, ...]]   # per such sum: each boundary member's option index
     seconds: float                # predicted time of one recomputation
 
 
@@ -139,10 +150,11 @@ class _GraphProblem:
         """``repeats``: how often the forward runs this graph (one block's code, called per block);
         its plan applies to every call, so its bytes count that many times.
 
-        A recomputable segment (:mod:`actcompile.passes.segments`) becomes one item deciding its
-        own candidate storages and the ones it reads together: each its own option (their merged
-        Pareto front, :func:`merge_items`), or recompute it (what it alone made is freed, what it
-        reads is held whole) at a cost priced later by :meth:`price_recomputation`.
+        A recomputable segment (:mod:`actcompile.passes.segments`) becomes one item deciding the
+        candidate storages it reads from outside and those it saves first together: each its own
+        option (their merged Pareto front, :func:`merge_items`), or recompute it: what it alone
+        made is freed, what it reads is kept whole or in a codec that keeps its values (its error
+        weighed also for what is recomputed from it), at λ × time (:meth:`price_recomputation`).
         """
         candidates, skips = split_candidates(profile, config)
         per_tensor = [_options(t, calibration.get((t.node, t.ordinal), [])) for t in candidates]
@@ -152,31 +164,50 @@ class _GraphProblem:
         position = {t.index: k for k, t in enumerate(candidates)}
         tensors = {t.index: t for t in profile.tensors}
         segments = find_segments(profile) if config.recompute and config.tolerance is None else []
+        # Each storage is decided in one group. What a segment reads from outside goes to it first:
+        # recomputing it needs that storage whole or in a value-keeping codec, and every save of it
+        # packs it the same way (Assignment.saved_by), whichever group the saving node is in.
         claimed: set[int] = set()
-        owned = [[i for i in s.owned if i in position] for s in segments]
-        for members in owned:
-            claimed.update(members)
+        reads = []
+        for s in segments:
+            reads.append([i for i in s.boundary if i in position and i not in claimed])
+            claimed.update(reads[-1])
+        owned = [[i for i in s.owned if i in position and i not in claimed] for s in segments]
+        for mine in owned:
+            claimed.update(mine)
         groups, grouped = [], set()
-        for segment, mine in zip(segments, owned):
-            members = mine + [i for i in segment.boundary if i in position and i not in claimed]
-            claimed.update(members)
+        for segment, mine, read in zip(segments, owned, reads):
+            members = mine + read
             freed = frozenset(segment.freed)
-            raw_members = sum(tensors[i].nbytes for i in members if i not in freed)
+            boundary = [i for i in members if i in set(segment.boundary)]
+            crossing = sum(tensors[i].nbytes for i in members if i not in freed and i not in boundary)
             held_elsewhere = sum(tensors[i].nbytes for i in segment.boundary
                                  if i in position and i not in members)   # its own item may pack it too
-            held = raw_members + segment.extra_bytes + held_elsewhere + config.reserve_bytes_per_segment
+            held = crossing + segment.extra_bytes + held_elsewhere + config.reserve_bytes_per_segment
             fixed_freed = sum(tensors[i].nbytes for i in freed if i not in position)
-            if held >= sum(tensors[i].nbytes for i in members) + fixed_freed:
+            # A boundary member's error reaches what is recomputed from it too: its weight grows by
+            # the freed members' weights (shared among the boundary members; see BRANCHING_SPREAD).
+            spread = sum(weights[position[i]] for i in members if i in freed) / max(1, len(boundary))
+            if any(reads_sign(tensors[i]) for i in freed):
+                spread *= BRANCHING_SPREAD
+            value_options = [[(j, Option(repeats * nbytes, repeats * (weights[position[i]] + spread) * error**2))
+                              for j, (codec, error, nbytes) in enumerate(per_tensor[position[i]])
+                              if codec is None or not exact_for_use(codec, tensors[i].uses)]
+                             for i in boundary]   # a mask exact only for its ReLU use loses the values
+            sums, sum_picks = merge_items([[o for _, o in opts] for opts in value_options])
+            sum_picks = [tuple(opts[p][0] for opts, p in zip(value_options, picks)) for picks in sum_picks]
+            if held + min(o.nbytes for o in sums) >= sum(tensors[i].nbytes for i in members) + fixed_freed:
                 continue   # recomputing it frees nothing
             merged, picks = merge_items([options[position[i]] for i in members])
             groups.append(_Group(segment, [position[i] for i in members], merged, picks, freed, fixed_freed, held,
+                                 [position[i] for i in boundary], sums, sum_picks,
                                  _seconds(segment.flops, segment.moved_bytes, config)))
             grouped.update(members)
         singles = [k for k, t in enumerate(candidates) if t.index not in grouped]
         items = [options[k] for k in singles]
-        for g in groups:
+        for g in groups:   # keep (each member its option), or recompute (costs priced by price_recomputation)
             items.append([Option(o.nbytes + repeats * g.fixed_freed, o.cost) for o in g.merged]
-                         + [Option(repeats * g.held_bytes, 0.0)])   # recompute: priced by price_recomputation
+                         + [Option(repeats * g.held_bytes + o.nbytes, o.cost) for o in g.boundary_options])
         fixed = repeats * (profile.baseline_bytes - sum(t.nbytes for t in candidates)
                            - sum(g.fixed_freed for g in groups))
         reserve = repeats * (config.reserve_bytes_per_node * profile.autograd_nodes
@@ -186,9 +217,11 @@ class _GraphProblem:
                    dict(shares or {}), repeats * sum(weights), repeats * seconds, repeats)
 
     def price_recomputation(self, cost_per_second: float) -> None:
-        """Set each group's recompute option's cost: ``cost_per_second`` × its predicted time."""
+        """Add ``cost_per_second`` × its predicted time to each group's recompute options."""
         for g, item in zip(self.groups, self.items[len(self.singles):]):
-            item[-1] = Option(item[-1].nbytes, cost_per_second * self.repeats * g.seconds)
+            time_cost = cost_per_second * self.repeats * g.seconds
+            for k, o in enumerate(g.boundary_options, start=len(g.merged)):
+                item[k] = Option(item[k].nbytes, o.cost + time_cost)
 
     def share_of(self, t: SavedTensor) -> float | None:
         """``t``'s gradient share; one the probe did not reach counts as the largest (as it is weighed)."""
@@ -201,24 +234,33 @@ class _GraphProblem:
         picks = {k: chosen[j] for j, k in enumerate(self.singles)}
         recomputed = []
         for g, pick in zip(self.groups, chosen[len(self.singles):]):
-            if pick == len(g.picks):
+            if pick >= len(g.picks):
                 recomputed.append(g)
+                picks.update(zip(g.boundary, g.boundary_picks[pick - len(g.picks)]))   # kept for it
             else:
                 picks.update(zip(g.members, g.picks[pick]))
         skips = list(self.skips)
         assignments = []
         for g in recomputed:
+            freed = [k for k in g.members if self.candidates[k].index in g.freed]
             for k in g.members:
                 t = self.candidates[k]
-                if t.index in g.freed:
+                if k in freed:
                     skips.append(Skip(t.node, t.ordinal, SkipReason.RECOMPUTED, g.segment.nodes[0], t.nbytes))
-                else:
+                elif k not in g.boundary:
                     skips.append(Skip(t.node, t.ordinal, SkipReason.NOT_NEEDED,
                                       f"held whole to recompute {g.segment.nodes[0]}..{g.segment.nodes[-1]}", t.nbytes))
-            before = sum(self.candidates[k].nbytes for k in g.members) + g.fixed_freed
+            index_of = {self.candidates[k].index: k for k in g.boundary}
+            packed = tuple((name, self.candidates[index_of[i]].node, self.candidates[index_of[i]].ordinal)
+                           for name, i in g.segment.boundary_inputs
+                           if i in index_of and self.per_tensor[index_of[i]][picks[index_of[i]]][0] is not None)
+            before = sum(self.candidates[k].nbytes for k in freed) + g.fixed_freed
+            crossing = sum(self.candidates[k].nbytes for k in g.members if k not in freed and k not in g.boundary)
             assignments.append(Assignment(node=g.segment.nodes[0], ordinal=0, codec=RECOMPUTE,
-                                          options=(("nodes", g.segment.nodes), ("held", g.segment.held)),
-                                          epsilon=None, bytes_before=before, bytes_after=g.held_bytes, error=0.0))
+                                          options=(("nodes", g.segment.nodes), ("held", g.segment.held),
+                                                   ("packed", packed)),
+                                          epsilon=None, bytes_before=before, bytes_after=g.held_bytes - crossing,
+                                          error=0.0))   # the crossing storages stay in the baseline
         for k in sorted(picks):
             t, opts = self.candidates[k], self.per_tensor[k]
             codec, error, nbytes = opts[picks[k]]
@@ -229,12 +271,14 @@ class _GraphProblem:
             if not codec.fixed_rate and getattr(codec, "max_bytes", 0) is None:
                 # another batch may need more bytes for the same ε: cap it at what was planned
                 codec = dataclasses.replace(codec, max_bytes=nbytes)
+            saved_by = tuple((e.node, e.ordinal) for e in self.profile.events
+                             if e.storage == t.index and e.shape == t.shape and (e.node, e.ordinal) != (t.node, t.ordinal))
             assignments.append(Assignment(node=t.node, ordinal=t.ordinal, codec=codec.name,
                                           options=codec_options(codec), epsilon=codec.epsilon,
                                           bytes_before=t.nbytes, bytes_after=nbytes, error=error,
                                           shape=t.shape, dtype=t.dtype,
                                           gradient_share=self.share_of(t),
-                                          exact_by_use=exact_for_use(codec, t.uses)))
+                                          exact_by_use=exact_for_use(codec, t.uses), saved_by=saved_by))
         return assignments, skips
 
 

@@ -2,8 +2,9 @@
 
 Activation checkpointing, decided per run of nodes: a :class:`Segment` is a run that can run
 again in backward (:func:`~actcompile.passes.rules.recompute_kind`). Recomputing it frees the
-storages it alone made and saved, holds whole what it reads from outside (its boundary) for the
-recomputation, and costs its forward time once more. The policy weighs that against codecs on
+storages it alone made and saved, keeps what it reads from outside (its boundary) for the
+recomputation (whole, or packed by a codec: :class:`actcompile.runtime.Recomputed`), and costs its
+forward time once more. The policy weighs that against codecs on
 the same storages (:mod:`actcompile.passes.policy`).
 
 Runs are found in graph order. A node joins the run being built if it may be recomputed (an
@@ -41,7 +42,9 @@ class Segment:
     owned: tuple[int, ...]      # saved storages (MemoryProfile.tensors indices) first saved by its nodes:
                                 # decided with it (its saves are not made when it is recomputed)
     freed: tuple[int, ...]      # of those, the activations made and saved only here: recomputing frees them
-    boundary: tuple[int, ...]   # saved activations made outside that it reads: held whole when recomputed
+    boundary: tuple[int, ...]   # saved activations made outside that it reads: held (whole, or as its
+                                # codec packs it) for the recomputation
+    boundary_inputs: tuple[tuple[str, int], ...]   # (node it reads, storage index) of each of those
     extra_bytes: int            # held whole for the recomputation besides: activations made outside
                                 # that nobody saves, copies of the buffers it reads
     held: tuple[str, ...]       # placeholders of buffers and other held state it reads (copied for it)
@@ -158,9 +161,11 @@ def _segment(piece: list[str], records: dict[str, NodeRecord], first_maker: dict
         for storage, nbytes in r.storages:
             if storage >= 0:
                 if tensors[storage].is_activation:
-                    boundary[storage] = None
+                    boundary.setdefault(storage, []).append(name)
             else:
                 extra += nbytes
     made = {s: b for n in piece for s, b in records[n].storages if first_maker.get(s) in inside}
-    return Segment(nodes=tuple(piece), owned=owned, freed=freed, boundary=tuple(boundary), extra_bytes=extra,
+    return Segment(nodes=tuple(piece), owned=owned, freed=freed, boundary=tuple(boundary),
+                   boundary_inputs=tuple((name, storage) for storage, names in boundary.items() for name in names),
+                   extra_bytes=extra,
                    held=tuple(held), flops=sum(records[n].flops for n in piece), moved_bytes=sum(made.values()))
