@@ -140,13 +140,11 @@ class _GraphProblem:
     reserve: int
     items: list[list[Option]]   # one knapsack item per single candidate, then one per group
     shares: dict                # (node, ordinal) -> gradient share (passes/sensitivity.py), if probed
-    weight: float               # Σ of the candidates' error weights (the scale of a recomputation's cost)
-    seconds: float              # predicted time of the graph's forward (every node once)
     repeats: int
 
     @classmethod
     def build(cls, profile: MemoryProfile, config: CompileConfig, calibration: dict,
-              repeats: int = 1, shares: dict | None = None) -> "_GraphProblem":
+              repeats: int = 1, shares: dict | None = None, cost_per_second: float = 0.0) -> "_GraphProblem":
         """``repeats``: how often the forward runs this graph (one block's code, called per block);
         its plan applies to every call, so its bytes count that many times.
 
@@ -154,13 +152,15 @@ class _GraphProblem:
         candidate storages it reads from outside and those it saves first together: each its own
         option (their merged Pareto front, :func:`merge_items`), or recompute it: what it alone
         made is freed, what it reads is kept whole or in a codec that keeps its values (its error
-        weighed also for what is recomputed from it), at λ × time (:meth:`price_recomputation`).
+        weighed also for what is recomputed from it), at λ × time. Every option's cost adds
+        ``cost_per_second`` × its predicted time (:func:`_codec_seconds`, :func:`_seconds`).
         """
         candidates, skips = split_candidates(profile, config)
         per_tensor = [_options(t, calibration.get((t.node, t.ordinal), [])) for t in candidates]
         weights = [_weight(t, config, shares) for t in candidates]
-        options = [[Option(repeats * nbytes, repeats * w * error**2) for _, error, nbytes in opts]
-                   for w, opts in zip(weights, per_tensor)]
+        options = [[Option(repeats * nbytes, repeats * (w * error**2 + cost_per_second * _codec_seconds(codec, t, config)))
+                    for codec, error, nbytes in opts]
+                   for t, w, opts in zip(candidates, weights, per_tensor)]
         position = {t.index: k for k, t in enumerate(candidates)}
         tensors = {t.index: t for t in profile.tensors}
         segments = find_segments(profile) if config.recompute and config.tolerance is None else []
@@ -190,7 +190,8 @@ class _GraphProblem:
             spread = sum(weights[position[i]] for i in members if i in freed) / max(1, len(boundary))
             if any(reads_sign(tensors[i]) for i in freed):
                 spread *= BRANCHING_SPREAD
-            value_options = [[(j, Option(repeats * nbytes, repeats * (weights[position[i]] + spread) * error**2))
+            value_options = [[(j, Option(repeats * nbytes, repeats * ((weights[position[i]] + spread) * error**2
+                                                                   + cost_per_second * _codec_seconds(codec, tensors[i], config))))
                               for j, (codec, error, nbytes) in enumerate(per_tensor[position[i]])
                               if codec is None or not exact_for_use(codec, tensors[i].uses)]
                              for i in boundary]   # a mask exact only for its ReLU use loses the values
@@ -205,23 +206,16 @@ class _GraphProblem:
             grouped.update(members)
         singles = [k for k, t in enumerate(candidates) if t.index not in grouped]
         items = [options[k] for k in singles]
-        for g in groups:   # keep (each member its option), or recompute (costs priced by price_recomputation)
+        for g in groups:   # keep (each member its option), or recompute
+            recompute_cost = cost_per_second * repeats * g.seconds
             items.append([Option(o.nbytes + repeats * g.fixed_freed, o.cost) for o in g.merged]
-                         + [Option(repeats * g.held_bytes + o.nbytes, o.cost) for o in g.boundary_options])
+                         + [Option(repeats * g.held_bytes + o.nbytes, o.cost + recompute_cost) for o in g.boundary_options])
         fixed = repeats * (profile.baseline_bytes - sum(t.nbytes for t in candidates)
                            - sum(g.fixed_freed for g in groups))
         reserve = repeats * (config.reserve_bytes_per_node * profile.autograd_nodes
                              + config.reserve_bytes_per_packed * len(candidates))
-        seconds = sum(_seconds(r.flops, sum(b for _, b in r.storages), config) for r in profile.nodes)
         return cls(profile, candidates, skips, per_tensor, groups, singles, fixed, reserve, items,
-                   dict(shares or {}), repeats * sum(weights), repeats * seconds, repeats)
-
-    def price_recomputation(self, cost_per_second: float) -> None:
-        """Add ``cost_per_second`` × its predicted time to each group's recompute options."""
-        for g, item in zip(self.groups, self.items[len(self.singles):]):
-            time_cost = cost_per_second * self.repeats * g.seconds
-            for k, o in enumerate(g.boundary_options, start=len(g.merged)):
-                item[k] = Option(item[k].nbytes, o.cost + time_cost)
+                   dict(shares or {}), repeats)
 
     def share_of(self, t: SavedTensor) -> float | None:
         """``t``'s gradient share; one the probe did not reach counts as the largest (as it is weighed)."""
@@ -261,6 +255,9 @@ class _GraphProblem:
                                                    ("packed", packed)),
                                           epsilon=None, bytes_before=before, bytes_after=g.held_bytes - crossing,
                                           error=0.0))   # the crossing storages stay in the baseline
+        events: dict[int, list] = {}   # storage -> its saves
+        for e in self.profile.events:
+            events.setdefault(e.storage, []).append(e)
         for k in sorted(picks):
             t, opts = self.candidates[k], self.per_tensor[k]
             codec, error, nbytes = opts[picks[k]]
@@ -271,8 +268,8 @@ class _GraphProblem:
             if not codec.fixed_rate and getattr(codec, "max_bytes", 0) is None:
                 # another batch may need more bytes for the same ε: cap it at what was planned
                 codec = dataclasses.replace(codec, max_bytes=nbytes)
-            saved_by = tuple((e.node, e.ordinal) for e in self.profile.events
-                             if e.storage == t.index and e.shape == t.shape and (e.node, e.ordinal) != (t.node, t.ordinal))
+            saved_by = tuple((e.node, e.ordinal) for e in events.get(t.index, ())
+                             if e.shape == t.shape and (e.node, e.ordinal) != (t.node, t.ordinal))
             assignments.append(Assignment(node=t.node, ordinal=t.ordinal, codec=codec.name,
                                           options=codec_options(codec), epsilon=codec.epsilon,
                                           bytes_before=t.nbytes, bytes_after=nbytes, error=error,
@@ -280,6 +277,33 @@ class _GraphProblem:
                                           gradient_share=self.share_of(t),
                                           exact_by_use=exact_for_use(codec, t.uses), saved_by=saved_by))
         return assignments, skips
+
+
+def _codec_seconds(codec, t: SavedTensor, config: CompileConfig) -> float:
+    """Predicted pack + unpack time of ``codec`` on ``t``, in copies of ``t``
+    (benchmarks/results/codecs.md, run 3: int8 1.4–2.1 copies compiled, 11–14 eager; mask 0.5–1.8
+    and 6.7–7.3; DCT and HOSVD 2.4–8.2 either way) at ``config.bytes_per_second``."""
+    if codec is None:
+        return 0.0
+    if not codec.fixed_rate:
+        copies = 5.0
+    elif config.compile_codecs and getattr(codec, "traceable", True):
+        copies = 2.0
+    else:
+        copies = 12.0
+    return copies * 2 * t.nbytes / config.bytes_per_second
+
+
+def _time_price(profiles: list[MemoryProfile], config: CompileConfig, shares: list, repeats: list[int]) -> float:
+    """λ·time in the error's units: recomputing the whole forward once costs ``time_weight`` × Σ of
+    the error weights (a mean squared relative error of ``time_weight`` on every compressible tensor)."""
+    if config.tolerance is not None or config.time_weight == 0:
+        return 0.0   # a tolerance bounds the error alone
+    weight = sum(r * _weight(t, config, s) for p, s, r in zip(profiles, shares, repeats)
+                 for t in split_candidates(p, config)[0])
+    seconds = sum(r * _seconds(n.flops, sum(b for _, b in n.storages), config)
+                  for p, r in zip(profiles, repeats) for n in p.nodes)
+    return config.time_weight * weight / seconds if seconds > 0 else 0.0
 
 
 def _seconds(flops: int, moved_bytes: int, config: CompileConfig) -> float:
@@ -316,13 +340,9 @@ def choose_plans(profiles: list[MemoryProfile], config: CompileConfig, calibrati
         raise BudgetError(f"budget {config.budget} resolves to {budget_bytes} bytes; it must be at least 1 byte",
                           smallest_bytes=None)
     shares = list(shares) if shares is not None else [None] * len(profiles)
-    problems = [_GraphProblem.build(p, config, c, r, s) for p, c, r, s in zip(profiles, calibrations, repeats, shares)]
-    # λ·time in the error's units: recomputing the whole forward once costs time_weight × Σ weights
-    # (a mean squared relative error of time_weight over every compressible tensor)
-    forward_seconds = sum(p.seconds for p in problems)
-    cost_per_second = config.time_weight * sum(p.weight for p in problems) / max(forward_seconds, 1e-12)
-    for problem in problems:
-        problem.price_recomputation(cost_per_second)
+    price = _time_price(profiles, config, shares, repeats)
+    problems = [_GraphProblem.build(p, config, c, r, s, price)
+                for p, c, r, s in zip(profiles, calibrations, repeats, shares)]
     # Already met (or nothing saved): every item keeps its bytes. Uncompressed, the heap holds the
     # storages plus autograd's own records; a byte budget must leave room for those too (only a
     # fraction of 1 means "as it is").

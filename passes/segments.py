@@ -59,10 +59,13 @@ def find_segments(profile: MemoryProfile) -> list[Segment]:
     for r in profile.nodes:
         for storage, _ in r.storages:
             first_maker.setdefault(storage, r.name)
+    savers: dict[int, set[str]] = {}
+    for e in profile.events:
+        savers.setdefault(e.storage, set()).add(e.node)
     segments = []
     for run in _runs(profile.nodes, records, first_maker):
         for piece in _cut(run, records, first_maker, profile):
-            segment = _segment(piece, records, first_maker, profile)
+            segment = _segment(piece, records, first_maker, profile, savers)
             if segment.owned:
                 segments.append(segment)
     return segments
@@ -139,11 +142,8 @@ def _cut(run: list[str], records: dict[str, NodeRecord], first_maker: dict[int, 
 
 
 def _segment(piece: list[str], records: dict[str, NodeRecord], first_maker: dict[int, str],
-             profile: MemoryProfile) -> Segment:
+             profile: MemoryProfile, savers: dict[int, set[str]]) -> Segment:
     inside = set(piece)
-    savers: dict[int, set[str]] = {}
-    for e in profile.events:
-        savers.setdefault(e.storage, set()).add(e.node)
     tensors = {t.index: t for t in profile.tensors}
     owned = tuple(t.index for t in profile.tensors if t.node in inside)
     freed = tuple(i for i in owned
@@ -156,12 +156,17 @@ def _segment(piece: list[str], records: dict[str, NodeRecord], first_maker: dict
             held.append(name)
             extra += sum(b for _, b in r.storages)
             continue
+        if r.kind == TensorKind.SHARED.value:   # an earlier graph's plan packs it; held whole here, it stays whole
+            extra += sum(b for _, b in r.storages)
+            continue
         if r.kind and r.kind != TensorKind.ACTIVATION.value:
             continue   # parameters and the caller's inputs are held anyway
         for storage, nbytes in r.storages:
             if storage >= 0:
                 if tensors[storage].is_activation:
                     boundary.setdefault(storage, []).append(name)
+                elif tensors[storage].kind is TensorKind.SHARED:
+                    extra += nbytes
             else:
                 extra += nbytes
     made = {s: b for n in piece for s, b in records[n].storages if first_maker.get(s) in inside}
