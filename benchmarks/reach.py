@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from speed import build, call, rss_status, step  # noqa: E402  (the same models and losses)
+from speed import build, measure_memory, step  # noqa: E402  (the same models, losses and measures)
 
 MODELS = ("resnet18", "mobilenet_v2", "mnist_net", "vit_b_16", "gpt2")
 BUDGETS = (0.25, 0.125, 0.0625)
@@ -54,20 +54,12 @@ def measure_model(name: str, fractions, modes) -> list[dict]:
 
     from actcompile import actcompile
     from actcompile.errors import BudgetError
-    from actcompile.measure import heap_in_use
-
     torch.manual_seed(0)
     model, inputs, loss = build(name)
     params = [p for p in model.parameters() if p.requires_grad]
     step(model, params, inputs, loss)
     reference = torch.cat([p.grad.flatten() for p in params]).double()
-    for p in params:
-        p.grad = None
-    torch.manual_seed(0)
-    before = heap_in_use()
-    out = call(model, inputs)
-    uncompressed = heap_in_use() - before
-    del out
+    uncompressed = measure_memory(model, params, inputs, loss)["activation_bytes"]
     rows = []
     for fraction in fractions:
         for mode in modes:
@@ -88,20 +80,7 @@ def measure_model(name: str, fractions, modes) -> list[dict]:
             row.update(plan_s=plan.planning_seconds, grad_cosine=F.cosine_similarity(got, reference, dim=0).item(),
                        recomputed=sum(1 for a in plan.assignments if a.codec == "recompute"),
                        codecs=sorted({a.codec for a in plan.assignments} - {"recompute"}))
-            for p in own:
-                p.grad = None
-            torch.manual_seed(0)
-            before = heap_in_use()
-            out = call(trained, inputs)
-            row["activation_bytes"] = heap_in_use() - before
-            del out
-            for p in own:
-                p.grad = None
-            before = rss_status()["VmRSS"]
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            step(trained, own, inputs, loss)
-            row["peak_bytes"] = rss_status()["VmHWM"] - before
+            row.update(measure_memory(trained, own, inputs, loss))
             times = {"eager": [], mode: []}
             for _ in range(5):   # interleaved, so drift hits both alike
                 for label, m, ps in (("eager", model, params), (mode, trained, own)):

@@ -173,6 +173,27 @@ def rss_status() -> dict[str, int]:
     return out
 
 
+def measure_memory(trained, params, inputs, loss) -> dict:
+    """``activation_bytes``: heap growth across a training forward (what it leaves alive);
+    ``peak_bytes``: VmHWM over one forward+backward above the resident memory before it."""
+    from actcompile.measure import heap_in_use
+
+    for p in params:
+        p.grad = None
+    torch.manual_seed(0)
+    before = heap_in_use()
+    out = call(trained, inputs)
+    activation = heap_in_use() - before
+    del out
+    for p in params:
+        p.grad = None
+    before = rss_status()["VmRSS"]
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    step(trained, params, inputs, loss)
+    return dict(activation_bytes=activation, peak_bytes=rss_status()["VmHWM"] - before)
+
+
 def warmup_steps(way: str, trained, what: str) -> int:
     """Steps before measuring: two (compile, plan, warm up); for timing the eager back end, past
     its early drift checks (forwards 1, 2, 4, …, below ``check_every``; then one every
@@ -185,8 +206,6 @@ def warmup_steps(way: str, trained, what: str) -> int:
 
 
 def measure_one(name: str, way: str, setting, what: str) -> dict:
-    from actcompile.measure import heap_in_use
-
     torch.manual_seed(0)
     model, inputs, loss = build(name)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -209,20 +228,7 @@ def measure_one(name: str, way: str, setting, what: str) -> dict:
         result = dict(model=name, way=way, setting=setting,
                       grad_cosine=F.cosine_similarity(got, ref, dim=0).item())
         if what == "memory":
-            for p in params:
-                p.grad = None
-            torch.manual_seed(0)
-            before = heap_in_use()
-            out = call(trained, inputs)
-            result["activation_bytes"] = heap_in_use() - before
-            del out
-            for p in params:
-                p.grad = None
-            before = rss_status()["VmRSS"]
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            step(trained, params, inputs, loss)
-            result["peak_bytes"] = rss_status()["VmHWM"] - before
+            result.update(measure_memory(trained, params, inputs, loss))
             if hasattr(trained, "plan"):
                 result["budget_bytes"] = trained.plan.budget_bytes
         else:
