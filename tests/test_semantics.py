@@ -154,6 +154,24 @@ def test_construct_behaves_as_without_actcompile(construct, budget):
         assert model.teacher.lin.weight.grad is None, "the frozen teacher got gradients"
 
 
+@pytest.mark.parametrize("construct", ["function", "autocast", "hooks", "attribute", "inplace"])
+def test_construct_behaves_as_without_actcompile_when_segments_are_recomputed(construct):
+    """Recomputation alone (no lossy codec) at 1/2: exact, whatever the construct around the runs.
+    (The others' fixed bytes — a teacher's output, a checkpoint's input, the branch — leave no plan
+    at 1/2 without a codec.)"""
+    model, x, labels = make(construct)
+    compiled = actcompile(model, budget=0.5, example_inputs=x, codecs=["none"])
+    assert [a for a in compiled.plan.assignments if a.codec == "recompute"], str(compiled.plan)
+    if construct == "attribute":
+        model.temperature = 3.0
+    ref_out, ref = step(model, x, labels)
+    out, got = step(compiled, x, labels)
+    assert torch.equal(out, ref_out), f"{construct}: forward changed by {(out - ref_out).abs().max():.3g}"
+    assert set(got) == set(ref)
+    c = cosine(ref, got)
+    assert c > 1 - 1e-9, f"{construct}: gradient cosine {c:.12f} with recomputation alone"
+
+
 def test_custom_function_keeps_its_own_backward():
     """The reversal must survive: the gradient of ``a`` is the negation of the plain autograd one."""
     model, x, labels = make("function")
