@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import threading
 import weakref
 
@@ -162,7 +163,13 @@ class _Session:
 
     def pack_as(self, t: torch.Tensor, key: tuple[str, int]):
         """:meth:`pack` ``t`` as if saved by ``key`` = ``(node, ordinal)`` (a recomputed run keeps
-        its argument in the form the plan gives that save); returns what :func:`_unpack` reads."""
+        its argument in the form the plan gives that save); returns what :func:`_unpack` reads.
+        The save may have been a view of another shape (``F.linear`` saves a 3-D input as 2-D):
+        a contiguous ``t`` with as many elements is packed as that view."""
+        planned = self.table.get(tuple(key))
+        if (planned is not None and tuple(t.shape) != planned.shape and t.is_contiguous()
+                and t.numel() == math.prod(planned.shape)):
+            t = t.view(planned.shape)
         node, ordinal = self.node, self.ordinal
         self.node, self.ordinal = key
         try:
@@ -268,18 +275,30 @@ class Recomputed:
         for i, key in packed:
             kept[i] = session.pack_as(args[i], tuple(key))
         forward = [args]   # the real arguments, dropped once the forward ran
-        # a decoded argument needs the original's requires_grad: the recomputation must save
-        # what the forward saved (the ops' input-gradient formulas), or checkpoint refuses it
-        decoded = {i: args[i].requires_grad for i, _ in packed}
+        # a decoded argument needs the original's shape and requires_grad: the recomputation must
+        # save what the forward saved (the ops' input-gradient formulas), or checkpoint refuses it
+        decoded = {i: (args[i].shape, args[i].requires_grad) for i, _ in packed}
+        # what is kept as it is must still be what the forward read (checkpoint's own inputs get
+        # this check from autograd's saved-tensor versions; these bypass it)
+        versions = {i: x._version for i, x in enumerate(kept) if isinstance(x, torch.Tensor) and i not in decoded}
+        # checkpoint restores the RNG of the devices among its tensor arguments: one empty
+        # tensor per accelerator stands for the arguments it is not given
+        devices = [torch.empty(0, device=d) for d in
+                   dict.fromkeys(x.device for x in args if isinstance(x, torch.Tensor) and x.device.type != "cpu")]
 
-        def run(**kw):
+        def run(*_devices, **kw):
             if forward:
                 return self.fn(*forward.pop(), **kw)
-            return self.fn(*(_unpack(x).detach().requires_grad_(decoded[i]) if i in decoded else x
-                             for i, x in enumerate(kept)), **kw)
+            changed = [i for i, v in versions.items() if kept[i]._version != v]
+            if changed:
+                raise RuntimeError(f"actcompile: arguments {changed} of the recomputed {self.__name__} were modified "
+                                   "in place after the forward; recomputing from them would give wrong gradients "
+                                   "(plan with recompute=False, or do not modify them in place)")
+            return self.fn(*(_unpack(x).reshape(decoded[i][0]).detach().requires_grad_(decoded[i][1])
+                             if i in decoded else x for i, x in enumerate(kept)), **kw)
 
         del args
-        return recompute(run, **kwargs)
+        return recompute(run, *devices, **kwargs)
 
 
 # The markers have effects the graph does not see: keep dead-code elimination off them.

@@ -78,6 +78,21 @@ _IN_PLACE_OPERATORS = frozenset({"iadd", "isub", "imul", "itruediv", "ifloordiv"
                                   "ixor", "ilshift", "irshift", "imatmul"})
 
 
+def _argument(node: torch.fx.Node, name: str):
+    """The value of ``node``'s argument ``name``, passed by keyword or by position
+    (``F.leaky_relu(x, 0.1, True)`` is in place), or None."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    if node.op != "call_function" or not callable(node.target):
+        return None
+    try:
+        bound = torch.fx.operator_schemas.normalize_function(node.target, node.args, node.kwargs,
+                                                             normalize_to_only_use_kwargs=True)
+    except Exception:   # no signature to bind to: nothing known
+        bound = None
+    return bound.kwargs.get(name) if bound is not None else None
+
+
 def recompute_kind(node: torch.fx.Node) -> str:
     """May ``node`` run again in backward with the same result and no side effect?
 
@@ -102,7 +117,7 @@ def recompute_kind(node: torch.fx.Node) -> str:
     target = node.target
     if isinstance(target, torch._ops.HigherOrderOperator) or target in torch.fx.node._side_effectful_functions:
         return "no"
-    writes_first = bool(node.kwargs.get("inplace", False))
+    writes_first = bool(_argument(node, "inplace"))
     if node.op == "call_module":
         module = node.graph.owning_module.get_submodule(target)
         if next(module.buffers(), None) is not None:

@@ -189,3 +189,23 @@ def test_one_sixteenth_of_resnet18_recomputes_from_packed_boundaries():
     _, ref = forward_backward(model, x)
     cosine = compare_gradients(ref, forward_backward(compiled, x)[1])[0]
     assert cosine >= 0.95, f"ResNet-18 at 1/16: gradient cosine {cosine:.5f}"
+
+
+def test_activations_in_place_by_position_are_recomputed_exactly():
+    """``nn.LeakyReLU(0.1, inplace=True)`` reaches the graph as ``leaky_relu(x, 0.1, True)``: an
+    in-place op, recomputed only with what made its input (else it would apply twice)."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(4):
+        layers += [nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.LeakyReLU(0.1, inplace=True),
+                   nn.Conv2d(16, 16, 3, padding=1), nn.Hardswish(inplace=True)]
+    model = nn.Sequential(*layers).train()
+    x = torch.randn(8, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    reference = copy.deepcopy(model)
+    compiled = actcompile(model, budget=0.5, example_inputs=x, codecs=["none"])
+    assert recomputed(compiled.plan), str(compiled.plan)
+    ref_out, ref = forward_backward(reference, x)
+    out, got = forward_backward(compiled, x)
+    assert torch.equal(out, ref_out)
+    _, rel = compare_gradients(ref, got)
+    assert rel < 1e-6, f"recomputation changed gradients: rel err {rel:.3g}"

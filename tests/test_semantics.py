@@ -168,8 +168,9 @@ def test_construct_behaves_as_without_actcompile_when_segments_are_recomputed(co
     out, got = step(compiled, x, labels)
     assert torch.equal(out, ref_out), f"{construct}: forward changed by {(out - ref_out).abs().max():.3g}"
     assert set(got) == set(ref)
-    c = cosine(ref, got)
-    assert c > 1 - 1e-9, f"{construct}: gradient cosine {c:.12f} with recomputation alone"
+    for name in ref:
+        rel = float((got[name] - ref[name]).norm() / ref[name].norm().clamp_min(1e-30))
+        assert rel < 1e-6, f"{construct}: gradient of {name} off by {rel:.3g} with recomputation alone"
 
 
 def test_custom_function_keeps_its_own_backward():
