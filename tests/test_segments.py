@@ -88,6 +88,12 @@ def test_grad_mode_switches_are_never_inside_a_segment():
     assert switches, "the no_grad region was not captured"
     segments = find_segments(profile_memory(graph))
     assert segments and not switches & {n for s in segments for n in s.nodes}
+    # no segment spans a switch (stepping over nodes must stop at one)
+    order = {n.name: i for i, n in enumerate(graph.gm.graph.nodes)}
+    cuts = sorted(order[n] for n in switches)
+    for s in segments:
+        first, last = order[s.nodes[0]], order[s.nodes[-1]]
+        assert not any(first < c < last for c in cuts), f"{s.nodes[0]}..{s.nodes[-1]} spans a grad-mode switch"
 
 
 @pytest.mark.parametrize("frozen_middle", [False, True])
