@@ -59,6 +59,7 @@ from actcompile.passes.capture import (CapturedGraph, GraphRunner, Inputs, captu
                                        handling, input_kinds, normalize_inputs)
 from actcompile.passes.emit import CompressedGraphModule, emit_regions
 from actcompile.passes.memory import profile_memory
+from actcompile.passes.peak import choose_plans_for_peak, optimizer_state_bytes, resident_bytes
 from actcompile.passes.policy import choose_plans
 from actcompile.passes.rules import codec_choices, split_candidates
 from actcompile.passes.sensitivity import gradient_shares
@@ -68,11 +69,18 @@ from actcompile.runtime import RuntimeStats, inside_checkpoint, preserved_state,
 _OPTION_NAMES = {f.name for f in dataclasses.fields(CompileConfig)} - {"budget", "codecs"}
 
 
-def make_config(budget, codecs=None, **options) -> CompileConfig:
+def make_config(budget, codecs=None, optimizer=None, **options) -> CompileConfig:
     """A :class:`CompileConfig` from what a user passes; every mistake named with what is accepted.
 
     Exactly one of ``budget`` and ``tolerance=`` (the predicted gradient error to stay under,
-    planned at the least memory; the budget is then the whole baseline)."""
+    planned at the least memory; the budget is then the whole baseline). ``optimizer`` (with
+    ``budget_scope="peak"``): its state counts in the step's peak."""
+    if optimizer is not None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer= must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if options.get("budget_scope") != "peak":
+            raise ValueError("optimizer= counts its state in the step's peak: it needs budget_scope='peak'")
+        options["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
     unknown = set(options) - _OPTION_NAMES
     if unknown:
         raise TypeError(f"unknown option(s) {sorted(unknown)}; accepted: {sorted(_OPTION_NAMES)}")
@@ -236,16 +244,23 @@ class ActCompiledModule(nn.Module):
             fixed = sum(self._graphs[g.runner].plan.planned_bytes for g in graphs if g.runner in self._graphs)
             with preserved_state(self._original):
                 measured = [_calibrated(g, self.compile_config, self._drifted_keys(g.name)) for g in new]
-            plans = choose_plans([p for p, _, _ in measured], self.compile_config, [c for _, c, _ in measured],
-                                 fixed_bytes=fixed, repeats=repeats, shares=[s for _, _, s in measured])
+            config, peak = self.compile_config, {}
+            arguments = ([p for p, _, _ in measured], config, [c for _, c, _ in measured])
+            if config.budget_scope == "peak":
+                plans, limit, predicted = choose_plans_for_peak(
+                    *arguments, static_bytes=resident_bytes(self._original) + config.optimizer_state_bytes,
+                    fixed_bytes=fixed, repeats=repeats, shares=[s for _, _, s in measured])
+                peak = dict(peak_budget_bytes=limit, predicted_peak_bytes=predicted)
+            else:
+                plans = choose_plans(*arguments, fixed_bytes=fixed, repeats=repeats, shares=[s for _, _, s in measured])
             for g, p in zip(new, plans):
                 self._graphs[g.runner] = self._state(g.gm, p)
             baseline = fixed + sum(p.baseline_bytes * r for p, r in zip(plans, repeats))
             budget_bytes = self.compile_config.budget.resolve(baseline)
-            if self.compile_config.tolerance is not None:   # the bytes the tolerance needs
+            if config.tolerance is not None or peak:   # the activation bytes the tolerance or peak needs
                 budget_bytes = fixed + sum(p.budget_bytes * r for p, r in zip(plans, repeats))
-            plan = ModelPlan(budget_bytes, tuple(Section(g.name, self._graphs[g.runner].plan) for g in graphs),
-                             planning_seconds=time.perf_counter() - started)
+            plan = ModelPlan(max(budget_bytes, 1), tuple(Section(g.name, self._graphs[g.runner].plan) for g in graphs),
+                             planning_seconds=time.perf_counter() - started, **peak)
         self.__dict__["_ratio"] = plan.budget_bytes / max(plan.baseline_bytes, 1)
         self._plans[key] = plan
         self._ready.add(key)

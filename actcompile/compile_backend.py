@@ -178,6 +178,10 @@ class ActCompileBackend:
             raise ValueError("tolerance= is not supported by the Inductor back end yet: the gradient shares it plans "
                              "with come from an eager probe backward; give budget= (or use actcompile(model, "
                              "tolerance=...), the eager back end)")
+        if self.config.budget_scope != "activations":
+            raise ValueError(f"budget_scope={self.config.budget_scope!r} is not supported by the Inductor back end yet: "
+                             "its peak model reads the eager graph's liveness; give budget_scope='activations' (or "
+                             "use actcompile(model, budget_scope='peak'), the eager back end)")
         self.plans: list[Plan] = []
         self.packed: list[list] = []
         self.forward_budget = ForwardBudget(self.config.budget)

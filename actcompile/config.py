@@ -103,6 +103,7 @@ def default_codecs(everything: bool = False) -> tuple:
 
 
 ERROR_WEIGHTINGS = ("tensor", "bytes", "gradient")
+BUDGET_SCOPES = ("activations", "peak")
 # Absolute slack of a drift check: errors under the smallest ε of the default ladder are noise
 # (int8's error moves by a few 1e-3 between batches), not a plan gone wrong.
 DRIFT_SLACK = 0.01
@@ -151,6 +152,12 @@ class CompileConfig:
     op writes and reads back at ``bytes_per_second``; a codec's pack + unpack as copies of its
     tensor at ``bytes_per_second`` (measured: ~2 compiled, ~12 eager, ~5 for the transform codecs);
     only the ratio of the two rates matters (a CPU's ~10 FLOPs per byte).
+    ``budget_scope``: ``"activations"`` (default) bounds what the forward leaves alive (DESIGN.md's
+    activation bytes); ``"peak"`` bounds the whole step's high-water mark over forward and
+    backward: parameters and buffers, ``optimizer_state_bytes`` (``actcompile(...,
+    optimizer=opt)`` fills it in), gradients, activations and the transient decoded or
+    recomputed tensors, predicted from liveness over the graph (:mod:`actcompile.passes.peak`);
+    a fraction is then of the uncompressed step's predicted peak.
     """
 
     budget: Budget
@@ -171,6 +178,8 @@ class CompileConfig:
     time_weight: float = 1e-3
     flops_per_second: float = 1e11
     bytes_per_second: float = 1e10
+    budget_scope: str = "activations"
+    optimizer_state_bytes: int = 0
 
     def __post_init__(self):
         if not isinstance(self.budget, Budget):
@@ -206,6 +215,16 @@ class CompileConfig:
         if not (self.flops_per_second > 0 and self.bytes_per_second > 0):
             raise ValueError(f"CompileConfig.flops_per_second={self.flops_per_second!r}, bytes_per_second="
                              f"{self.bytes_per_second!r}: the time model's machine must have both > 0")
+        if self.budget_scope not in BUDGET_SCOPES:
+            raise ValueError(f"CompileConfig.budget_scope={self.budget_scope!r}: accepted are "
+                             f"{', '.join(map(repr, BUDGET_SCOPES))}")
+        if self.budget_scope == "peak" and self.tolerance is not None:
+            raise ValueError("CompileConfig.budget_scope='peak' bounds memory: it needs budget=, not tolerance=")
+        if isinstance(self.optimizer_state_bytes, bool) or not isinstance(self.optimizer_state_bytes, int) \
+                or self.optimizer_state_bytes < 0:
+            raise ValueError(f"CompileConfig.optimizer_state_bytes={self.optimizer_state_bytes!r}: must be an int >= 0")
+        if self.optimizer_state_bytes and self.budget_scope != "peak":
+            raise ValueError("CompileConfig.optimizer_state_bytes (optimizer=) counts only with budget_scope='peak'")
         if not self.drift_tolerance >= 1.0:
             raise ValueError(f"CompileConfig.drift_tolerance={self.drift_tolerance!r}: must be >= 1 "
                              "(how many times its planned error a codec may reach before re-planning)")

@@ -41,6 +41,31 @@ def heap_in_use() -> int:
     return info.uordblks + info.hblkhd
 
 
+def resident_set() -> dict[str, int]:
+    """The process's resident bytes now (``VmRSS``) and at their high-water mark (``VmHWM``)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmHWM", "VmRSS")):
+                key, value = line.split(":")
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def step_high_water(step) -> int:
+    """Resident bytes ``step()`` adds at its high-water mark (``VmHWM`` reset before it, Linux).
+
+    Run the process with ``MALLOC_MMAP_THRESHOLD_=65536`` as well as ``MALLOC_ARENA_MAX=1``: then
+    every tensor above 64 KiB is its own mapping, returned when freed, so what the heap caches
+    from earlier steps does not hide this one's allocations."""
+    gc.collect()
+    before = resident_set()["VmRSS"]
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")   # resets VmHWM to VmRSS
+    step()
+    return resident_set()["VmHWM"] - before
+
+
 def float_outputs(out) -> list[torch.Tensor]:
     return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
 

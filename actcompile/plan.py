@@ -129,6 +129,7 @@ class NodeRecord:
     storages: tuple[tuple[int, int], ...] = ()
     flops: int = 0              # torch.utils.flop_counter's count (0 for ops it has no formula for)
     kind: str = ""              # placeholders: the TensorKind value of the graph input
+    grad: bool = False          # what it returns requires grad (backward makes a gradient for it)
 
     def __post_init__(self):
         _require(self.recompute in RECOMPUTE_KINDS, "NodeRecord", "recompute", self.recompute,
@@ -401,9 +402,16 @@ class ModelPlan:
     # wall-clock seconds capture, profiling, calibration and the knapsack took (None: not planned
     # here, e.g. read from JSON without it); not part of what the plan *is*, so not compared
     planning_seconds: float | None = dataclasses.field(default=None, compare=False)
+    # budget_scope="peak" (passes/peak.py): the step's peak the budget bounds, and the predicted
+    # peak of this plan (parameters, optimizer state, gradients, activations, transients);
+    # budget_bytes is then the activation bytes the plan was fitted to
+    peak_budget_bytes: int | None = None
+    predicted_peak_bytes: int | None = None
 
     def __post_init__(self):
         _require(self.budget_bytes > 0, "ModelPlan", "budget_bytes", self.budget_bytes, "must be > 0")
+        _require((self.peak_budget_bytes is None) == (self.predicted_peak_bytes is None), "ModelPlan",
+                 "predicted_peak_bytes", self.predicted_peak_bytes, "must be given with peak_budget_bytes")
 
     @property
     def baseline_bytes(self) -> int:
@@ -439,15 +447,18 @@ class ModelPlan:
         raise KeyError(f"no graph {graph!r} in this plan; graphs: {[s.graph for s in self.sections]}")
 
     def to_json(self) -> str:
-        return json.dumps({"budget_bytes": self.budget_bytes, "planning_seconds": self.planning_seconds,
-                           "sections": [{"graph": s.graph, "plan": json.loads(s.plan.to_json())}
-                                        for s in self.sections]}, indent=1)
+        data = {"budget_bytes": self.budget_bytes, "planning_seconds": self.planning_seconds,
+                "sections": [{"graph": s.graph, "plan": json.loads(s.plan.to_json())} for s in self.sections]}
+        if self.peak_budget_bytes is not None:
+            data.update(peak_budget_bytes=self.peak_budget_bytes, predicted_peak_bytes=self.predicted_peak_bytes)
+        return json.dumps(data, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "ModelPlan":
         data = json.loads(text)
         return cls(budget_bytes=data["budget_bytes"], planning_seconds=data.get("planning_seconds"),
-                   sections=tuple(Section(s["graph"], Plan.from_dict(s["plan"])) for s in data["sections"]))
+                   sections=tuple(Section(s["graph"], Plan.from_dict(s["plan"])) for s in data["sections"]),
+                   peak_budget_bytes=data.get("peak_budget_bytes"), predicted_peak_bytes=data.get("predicted_peak_bytes"))
 
     def __str__(self) -> str:
         rows = [("graph",) + _HEADER]
@@ -456,4 +467,6 @@ class ModelPlan:
             rows += [(s.graph,) + row for row in section_rows]
         graphs = f"{len(self.sections)} graph{'s' if len(self.sections) != 1 else ''}"
         took = "" if self.planning_seconds is None else f" | planned in {self.planning_seconds:.2f} s"
-        return _table(rows, f"{_footer(self)} | {graphs}{took}")
+        peak = ("" if self.peak_budget_bytes is None else f" | step peak {format_bytes(self.predicted_peak_bytes)} "
+                f"predicted of {format_bytes(self.peak_budget_bytes)}")
+        return _table(rows, f"{_footer(self)} | {graphs}{took}{peak}")

@@ -163,20 +163,10 @@ def step(model, params, inputs, loss):
     loss(call(model, inputs)).backward()
 
 
-def rss_status() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmHWM", "VmRSS")):
-                key, value = line.split(":")
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
 def measure_memory(trained, params, inputs, loss) -> dict:
     """``activation_bytes``: heap growth across a training forward (what it leaves alive);
     ``peak_bytes``: VmHWM over one forward+backward above the resident memory before it."""
-    from actcompile.measure import heap_in_use
+    from actcompile.measure import heap_in_use, step_high_water
 
     for p in params:
         p.grad = None
@@ -187,11 +177,8 @@ def measure_memory(trained, params, inputs, loss) -> dict:
     del out
     for p in params:
         p.grad = None
-    before = rss_status()["VmRSS"]
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    step(trained, params, inputs, loss)
-    return dict(activation_bytes=activation, peak_bytes=rss_status()["VmHWM"] - before)
+    peak = step_high_water(lambda: step(trained, params, inputs, loss))
+    return dict(activation_bytes=activation, peak_bytes=peak)
 
 
 def warmup_steps(way: str, trained, what: str) -> int:

@@ -232,7 +232,7 @@ class _NodeLog:
         self.placeholder_kinds = placeholder_kinds
         self.flops = FlopCounterMode(display=False)
         self.numbers: dict[int, tuple[StorageWeakRef, int]] = {}   # storage key -> (ref, number)
-        self.rows: list[tuple] = []   # (name, recompute kind, inputs, [(number, bytes)], flops, kind)
+        self.rows: list[tuple] = []   # (name, recompute kind, inputs, [(number, bytes)], flops, kind, grad)
         self.counted = 0
 
     def number(self, storage) -> int:
@@ -250,7 +250,8 @@ class _NodeLog:
             storages.setdefault(self.number(storage), storage.nbytes())
         kind = self.placeholder_kinds.get(node.name)
         self.rows.append((node.name, recompute_kind(node), tuple(n.name for n in node.all_input_nodes),
-                          tuple(storages.items()), total - self.counted, kind.value if kind is not None else ""))
+                          tuple(storages.items()), total - self.counted, kind.value if kind is not None else "",
+                          any(t.requires_grad for t in returned)))
         self.counted = total
 
     def records(self, saved_number: dict[int, int]) -> tuple[NodeRecord, ...]:
@@ -259,8 +260,9 @@ class _NodeLog:
         def name(number):
             return saved_number.get(number, -number - 1)
 
-        return tuple(NodeRecord(node, recompute, inputs, tuple((name(k), nbytes) for k, nbytes in storages), flops, kind)
-                     for node, recompute, inputs, storages, flops, kind in self.rows)
+        return tuple(NodeRecord(node, recompute, inputs, tuple((name(k), nbytes) for k, nbytes in storages), flops,
+                                kind, grad)
+                     for node, recompute, inputs, storages, flops, kind, grad in self.rows)
 
 
 class _Collector:
