@@ -63,7 +63,8 @@ from actcompile.passes.peak import choose_plans_for_peak, optimizer_state_bytes,
 from actcompile.passes.policy import choose_plans
 from actcompile.passes.rules import codec_choices, split_candidates
 from actcompile.passes.sensitivity import gradient_shares
-from actcompile.plan import ModelPlan, Plan, Section
+from actcompile.measure import heap_in_use, heap_measurable
+from actcompile.plan import ModelPlan, Plan, Section, format_bytes
 from actcompile.runtime import RuntimeStats, inside_checkpoint, preserved_state, sharing_packed
 
 _OPTION_NAMES = {f.name for f in dataclasses.fields(CompileConfig)} - {"budget", "codecs"}
@@ -216,6 +217,8 @@ class ActCompiledModule(nn.Module):
         self.__dict__["_pinned"] = set()   # signatures given a plan with use_plan(): never re-planned here
         self.__dict__["_forwards"] = 0     # compressed training forwards run (drift checks count them)
         self.__dict__["drifts"] = []       # every Drift found, oldest first
+        self.__dict__["_nodes"] = {}       # signature -> autograd nodes its forward leaves (planned here)
+        self.__dict__["_over_budget"] = {}  # signature -> heap growth of its last check, if over the budget
 
     # -- planning ----------------------------------------------------------------------------
     @property
@@ -255,6 +258,7 @@ class ActCompiledModule(nn.Module):
                 plans = choose_plans(*arguments, fixed_bytes=fixed, repeats=repeats, shares=[s for _, _, s in measured])
             for g, p in zip(new, plans):
                 self._graphs[g.runner] = self._state(g.gm, p)
+            self._nodes[key] = sum(p.autograd_nodes * r for (p, _, _), r in zip(measured, repeats))
             baseline = fixed + sum(p.baseline_bytes * r for p, r in zip(plans, repeats))
             budget_bytes = self.compile_config.budget.resolve(baseline)
             if config.tolerance is not None or peak:   # the activation bytes the tolerance or peak needs
@@ -387,9 +391,11 @@ class ActCompiledModule(nn.Module):
             # Nothing to keep (eval, no_grad), or an outer checkpoint that keeps nothing inside.
             return self._original(*args, **kwargs)
         key = _signature(args, kwargs, self._original)
-        if key not in self._ready:
+        planned_now = key not in self._ready
+        if planned_now:
             self._plan_forward(key, args, kwargs)
         self.__dict__["_forwards"] += 1
+        heap_before = self._heap_before(key, planned_now)
         found_before = len(self.drifts)
         self.__dict__["_ran"] = []
         self.__dict__["_stats"] = RuntimeStats()
@@ -407,14 +413,56 @@ class ActCompiledModule(nn.Module):
             plan = self._plans[key]
             sections = tuple(Section(r.name, self._graphs[r].plan) for r in self._ran)
             if sections != plan.sections:
-                self._plans[key] = ModelPlan(plan.budget_bytes, sections, plan.planning_seconds)
+                self._plans[key] = dataclasses.replace(plan, sections=sections)
         if self._stats.guard_failures:
             warnings.warn(f"actcompile: {self._stats.guard_failures} saved tensor(s) differed from the plan; "
                           "they were kept uncompressed", RuntimeWarning, stacklevel=2)
         self.__dict__["_last"] = key
         if len(self.drifts) > found_before:
             self._replan_after(key, self.drifts[found_before:])
+        elif heap_before is not None and self._ran:
+            self._check_heap(key, heap_in_use() - heap_before)
         return out
+
+    def _heap_before(self, key, planned_now: bool) -> int | None:
+        """The heap in use before a drift-check forward whose growth can be held to the budget
+        (not the planning forward, whose caches grow too; not a tolerance or a peak scope), else None."""
+        config = self.compile_config
+        if (planned_now or not self._checking() or key in self._pinned or key not in self._nodes
+                or config.tolerance is not None or config.budget_scope != "activations" or not heap_measurable()):
+            return None
+        return heap_in_use()
+
+    def _check_heap(self, key, grown: int) -> None:
+        """Hold the measured heap growth of a forward (its outputs still held) to the plan's budget.
+
+        The reserve kept for autograd's records (``reserve_bytes_per_node``) is a prior: nodes
+        that save many small views hold more (a split/cat-heavy forward: 1,257 B per node,
+        measured). If two drift-check forwards in a row grew the heap past the budget (one alone
+        may be a cache warming up), the reserve per node grows by the smaller excess (+10%)
+        spread over the forward's autograd nodes, and the next forward re-plans.
+        """
+        budget = self._plans[key].budget_bytes
+        previous = self._over_budget.pop(key, None)
+        if grown <= budget:
+            return
+        if previous is None:
+            self._over_budget[key] = grown
+            return
+        grown = min(grown, previous)
+        nodes = max(1, self._nodes[key])
+        more = -(-(grown - budget) * 11 // (10 * nodes)) + 16
+        config = self.compile_config
+        self.__dict__["compile_config"] = dataclasses.replace(
+            config, reserve_bytes_per_node=config.reserve_bytes_per_node + more)
+        warnings.warn(f"actcompile: this forward kept {format_bytes(grown)} on the heap, over its budget of "
+                      f"{format_bytes(budget)}: autograd's records take more than the "
+                      f"{config.reserve_bytes_per_node} B per node reserved; the next forward re-plans with "
+                      f"{self.compile_config.reserve_bytes_per_node} B per node", PlanDriftWarning, stacklevel=3)
+        for runner in self._ran:
+            self._graphs.pop(runner, None)
+        self._ready.discard(key)
+        self._stale.add(key)
 
     @property
     def last_stats(self) -> RuntimeStats | None:
@@ -438,7 +486,7 @@ class ActCompiledModule(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         for derived in ("_forward", "_graphs", "_ratio", "_call", "_ran", "_stats", "_ready", "_stale", "_pinned",
-                        "_forwards", "drifts"):
+                        "_forwards", "drifts", "_nodes", "_over_budget"):
             state.pop(derived, None)   # rebuilt: the kept plans are adopted on the next call
         return state
 

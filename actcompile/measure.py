@@ -32,12 +32,30 @@ class _MallInfo2(ctypes.Structure):
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
+def _mallinfo2():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        function = libc.mallinfo2
+    except (OSError, AttributeError):   # not glibc (macOS, musl), or glibc < 2.33
+        return None
+    function.restype = _MallInfo2
+    return function
+
+
+_MALLINFO2 = _mallinfo2()
+
+
+def heap_measurable() -> bool:
+    """Can :func:`heap_in_use` read the heap here (glibc ≥ 2.33)?"""
+    return _MALLINFO2 is not None
+
+
 def heap_in_use() -> int:
     """Bytes the C heap has handed out and not taken back (after a garbage collection)."""
+    if _MALLINFO2 is None:
+        raise RuntimeError("heap_in_use needs glibc's mallinfo2 (glibc >= 2.33 on Linux)")
     gc.collect()
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _MallInfo2
-    info = libc.mallinfo2()
+    info = _MALLINFO2()
     return info.uordblks + info.hblkhd
 
 

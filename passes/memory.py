@@ -77,8 +77,8 @@ class _SaveRecorder(torch.fx.Interpreter):
         self.on_save(self.node, self.ordinal, t)
         self.ordinal += 1
         self.saves += 1
-        if self.keep:
-            return index, tuple(t.shape), t
+        if self.keep:   # detached: t itself, saved by the node making it, would be a leaked cycle (runtime.py)
+            return index, tuple(t.shape), t.detach() if t.requires_grad else t
         return index, tuple(t.shape)   # only a token is kept: the profile holds no activations
 
 

@@ -118,3 +118,112 @@ def test_a_saved_tensor_the_forward_returns_is_an_output_counted_once_and_never_
     plan = explain(Features(), torch.randn(256, 64), budget=0.6)
     assert not any(a.node == features.node for a in plan.assignments)
     assert any(s.reason is SkipReason.OUTPUT for s in plan.sections[0].plan.skipped)
+
+
+class _SplitCat(nn.Module):
+    """Many small views saved by many nodes: autograd's records outweigh its default reserve."""
+
+    def __init__(self, width=256, pieces=32, depth=6):
+        super().__init__()
+        self.lins = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.pieces = pieces
+
+    def forward(self, x):
+        for lin in self.lins:
+            parts = lin(x).chunk(self.pieces, dim=1)
+            x = torch.cat([torch.tanh(p) * p for p in parts], dim=1)
+        return x
+
+
+def test_a_reserve_too_small_for_autograds_records_grows_to_what_the_heap_holds():
+    import warnings
+
+    import pytest
+
+    from actcompile import PlanDriftWarning, actcompile
+    from actcompile.measure import heap_measurable, kept_by_forward
+
+    if not heap_measurable():
+        pytest.skip("needs glibc's mallinfo2 to measure the heap")
+
+    def trained(check_every):
+        torch.manual_seed(0)
+        model, x = _SplitCat(), torch.randn(64, 256)
+        # a prior of 256 B per autograd node: this forward's records take ~1,250 (measured)
+        compiled = actcompile(model, budget=0.85, example_inputs=x, recompute=False, reserve_bytes_per_node=256,
+                              check_every=check_every)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(6):   # forwards 2 and 4 are checks; 5 re-plans
+                compiled(x).sum().backward()
+        model.zero_grad(set_to_none=True)
+        kept = min(kept_by_forward(compiled, x) for _ in range(2))
+        return compiled, kept, [w for w in caught if issubclass(w.category, PlanDriftWarning)]
+
+    unchecked, kept, _ = trained(check_every=0)
+    assert kept > unchecked.plan.budget_bytes, "the wrong prior should overshoot, else this test shows nothing"
+    checked, kept, warned = trained(check_every=50)
+    assert any("on the heap" in str(w.message) for w in warned), "the forward kept more than its budget, unnoticed"
+    assert checked.compile_config.reserve_bytes_per_node > 256
+    assert checked.plan.budget_bytes == unchecked.plan.budget_bytes
+    assert kept <= checked.plan.budget_bytes, (
+        f"after re-planning the forward keeps {kept} B > budget {checked.plan.budget_bytes} B")
+
+
+def test_a_model_with_nothing_compressible_gets_an_empty_plan_when_the_budget_covers_its_fixed_bytes():
+    import pytest
+
+    from actcompile import BudgetError, actcompile, explain
+    from actcompile.measure import heap_measurable, kept_by_forward
+
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).requires_grad_(False)
+    model = nn.Sequential(backbone, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).train()
+    x = torch.randn(16, 3, 32, 32)
+    whole = explain(model, x, budget=1.0)
+    assert whole.assignments == () and whole.baseline_bytes > 0   # a frozen backbone saves nothing to pack
+    budget = whole.baseline_bytes + 16 * 1024                      # its fixed bytes and autograd's records
+    compiled = actcompile(model, budget=budget, example_inputs=x)
+    assert compiled.plan.assignments == () and compiled.plan.planned_bytes == whole.baseline_bytes
+    compiled(x).sum().backward()
+    if heap_measurable():
+        kept = min(kept_by_forward(compiled, x) for _ in range(2))
+        assert kept <= budget, f"nothing compressed, yet the forward kept {kept} B > budget {budget} B"
+    with pytest.raises(BudgetError, match="cannot be compressed"):
+        explain(model, x, budget=0.5)   # less than what the forward must keep
+
+
+def test_a_graph_part_the_loss_never_reaches_is_freed_every_step():
+    """Layers in front of a no_grad block save tensors no backward reads; a node saving its own
+    output must not keep them alive through the saved-tensor hooks (a cycle: +3.5 MB per step)."""
+    import pytest
+
+    from actcompile import actcompile
+    from actcompile.measure import heap_in_use, heap_measurable
+
+    if not heap_measurable():
+        pytest.skip("needs glibc's mallinfo2 to measure the heap")
+
+    class FrozenMiddle(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.front = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
+            self.middle = nn.Conv2d(16, 16, 3, padding=1)
+            self.back = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+
+        def forward(self, x):
+            x = self.front(x)            # its graph is cut off below: nothing backward reaches
+            with torch.no_grad():
+                x = self.middle(x)
+            return self.back(x)
+
+    torch.manual_seed(0)
+    model, x = FrozenMiddle().train(), torch.randn(8, 3, 32, 32)
+    compiled = actcompile(model, budget=1.0, example_inputs=x, check_every=0)
+    heaps = []
+    for _ in range(6):
+        compiled(x).sum().backward()
+        model.zero_grad(set_to_none=True)
+        heaps.append(heap_in_use())
+    front_saves = 8 * 16 * 32 * 32 * 4   # the ReLU's output, saved by the ReLU itself
+    assert heaps[-1] - heaps[1] < front_saves, f"the heap grew {heaps[-1] - heaps[1]} B over 4 steps"
