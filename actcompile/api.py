@@ -53,7 +53,7 @@ from torch import nn
 
 from actcompile.codecs import get_codec
 from actcompile.config import DRIFT_SLACK, Budget, CompileConfig, default_codecs, parse_budget
-from actcompile.errors import CodecError, PlanDriftWarning
+from actcompile.errors import BudgetError, CodecError, PlanDriftWarning
 from actcompile.passes.calibrate import calibrate
 from actcompile.passes.capture import (CapturedGraph, GraphRunner, Inputs, capture_graphs, dynamo_forward,
                                        handling, input_kinds, normalize_inputs)
@@ -64,7 +64,7 @@ from actcompile.passes.policy import choose_plans
 from actcompile.passes.rules import codec_choices, split_candidates
 from actcompile.passes.sensitivity import gradient_shares
 from actcompile.measure import heap_in_use, heap_measurable
-from actcompile.plan import ModelPlan, Plan, Section, format_bytes
+from actcompile.plan import RECOMPUTE, ModelPlan, Plan, Section, format_bytes
 from actcompile.runtime import RuntimeStats, inside_checkpoint, preserved_state, sharing_packed
 
 _OPTION_NAMES = {f.name for f in dataclasses.fields(CompileConfig)} - {"budget", "codecs"}
@@ -178,6 +178,7 @@ class _GraphState:
 
     plan: Plan
     compiled: CompressedGraphModule
+    autograd_nodes: int | None = None   # what its forward leaves (None: adopted, not profiled here)
 
 
 def _add_stats(total: RuntimeStats, more: RuntimeStats | None) -> None:
@@ -219,6 +220,7 @@ class ActCompiledModule(nn.Module):
         self.__dict__["drifts"] = []       # every Drift found, oldest first
         self.__dict__["_nodes"] = {}       # signature -> autograd nodes its forward leaves (planned here)
         self.__dict__["_over_budget"] = {}  # signature -> heap growth of its last check, if over the budget
+        self.__dict__["_since_plan"] = {}   # signature -> forwards run since it was last planned
 
     # -- planning ----------------------------------------------------------------------------
     @property
@@ -256,9 +258,11 @@ class ActCompiledModule(nn.Module):
                 peak = dict(peak_budget_bytes=limit, predicted_peak_bytes=predicted)
             else:
                 plans = choose_plans(*arguments, fixed_bytes=fixed, repeats=repeats, shares=[s for _, _, s in measured])
-            for g, p in zip(new, plans):
-                self._graphs[g.runner] = self._state(g.gm, p)
-            self._nodes[key] = sum(p.autograd_nodes * r for (p, _, _), r in zip(measured, repeats))
+            for g, p, (profile, _, _) in zip(new, plans, measured):
+                self._graphs[g.runner] = self._state(g.gm, p, profile.autograd_nodes)
+            counts = [self._graphs[g.runner].autograd_nodes for g in graphs]
+            if None not in counts:   # every graph's records known: the heap check can spread an excess
+                self._nodes[key] = sum(counts)
             baseline = fixed + sum(p.baseline_bytes * r for p, r in zip(plans, repeats))
             budget_bytes = self.compile_config.budget.resolve(baseline)
             if config.tolerance is not None or peak:   # the activation bytes the tolerance or peak needs
@@ -267,13 +271,15 @@ class ActCompiledModule(nn.Module):
                              planning_seconds=time.perf_counter() - started, **peak)
         self.__dict__["_ratio"] = plan.budget_bytes / max(plan.baseline_bytes, 1)
         self._plans[key] = plan
+        self._since_plan[key] = 0
+        self._over_budget.pop(key, None)   # a reading of another plan
         self._ready.add(key)
         self._stale.discard(key)
         self.__dict__["_last"] = key
         return plan
 
-    def _state(self, gm, plan: Plan) -> _GraphState:
-        return _GraphState(plan, emit_regions(gm, plan, self.compile_config.compile_codecs))
+    def _state(self, gm, plan: Plan, autograd_nodes: int | None = None) -> _GraphState:
+        return _GraphState(plan, emit_regions(gm, plan, self.compile_config.compile_codecs), autograd_nodes)
 
     def use_plan(self, plan: ModelPlan, example_inputs) -> None:
         """Run with ``plan`` (from another process, a file, rank 0) for ``example_inputs``' signature.
@@ -391,11 +397,11 @@ class ActCompiledModule(nn.Module):
             # Nothing to keep (eval, no_grad), or an outer checkpoint that keeps nothing inside.
             return self._original(*args, **kwargs)
         key = _signature(args, kwargs, self._original)
-        planned_now = key not in self._ready
-        if planned_now:
+        if key not in self._ready:
             self._plan_forward(key, args, kwargs)
         self.__dict__["_forwards"] += 1
-        heap_before = self._heap_before(key, planned_now)
+        self._since_plan[key] = self._since_plan.get(key, 0) + 1
+        heap_before = self._heap_before(key)
         found_before = len(self.drifts)
         self.__dict__["_ran"] = []
         self.__dict__["_stats"] = RuntimeStats()
@@ -421,26 +427,32 @@ class ActCompiledModule(nn.Module):
         if len(self.drifts) > found_before:
             self._replan_after(key, self.drifts[found_before:])
         elif heap_before is not None and self._ran:
-            self._check_heap(key, heap_in_use() - heap_before)
+            self._check_heap(key, heap_in_use() - heap_before, args, kwargs)
         return out
 
-    def _heap_before(self, key, planned_now: bool) -> int | None:
-        """The heap in use before a drift-check forward whose growth can be held to the budget
-        (not the planning forward, whose caches grow too; not a tolerance or a peak scope), else None."""
+    def _heap_before(self, key) -> int | None:
+        """The heap in use before a drift-check forward whose growth can be held to the budget,
+        else None. Not checked: the first forwards after planning (caches still grow), a budget
+        of 1.0 ("as it is": it promises nothing about autograd's records), tolerance and peak
+        scopes, plans given with use_plan(), a model on an accelerator (the C heap is not its
+        memory), and where glibc's mallinfo2 is missing."""
         config = self.compile_config
-        if (planned_now or not self._checking() or key in self._pinned or key not in self._nodes
-                or config.tolerance is not None or config.budget_scope != "activations" or not heap_measurable()):
+        if (self._since_plan.get(key, 0) < 3 or not self._checking() or key in self._pinned or key not in self._nodes
+                or config.tolerance is not None or config.budget_scope != "activations"
+                or config.budget.fraction == 1.0 or not heap_measurable()
+                or any(p.device.type != "cpu" for p in self._original.parameters())):
             return None
         return heap_in_use()
 
-    def _check_heap(self, key, grown: int) -> None:
+    def _check_heap(self, key, grown: int, args, kwargs) -> None:
         """Hold the measured heap growth of a forward (its outputs still held) to the plan's budget.
 
         The reserve kept for autograd's records (``reserve_bytes_per_node``) is a prior: nodes
         that save many small views hold more (a split/cat-heavy forward: 1,257 B per node,
-        measured). If two drift-check forwards in a row grew the heap past the budget (one alone
-        may be a cache warming up), the reserve per node grows by the smaller excess (+10%)
-        spread over the forward's autograd nodes, and the next forward re-plans.
+        measured). If two drift-check forwards in a row grew the heap past the budget, the
+        reserve per node becomes what the larger growth held beyond the planned storages, per
+        autograd node (less the per-packed reserve), +3%, and the forward is planned again at once. If no plan fits with that reserve, the
+        previous plan is kept, with a warning that the budget is not met.
         """
         budget = self._plans[key].budget_bytes
         previous = self._over_budget.pop(key, None)
@@ -449,20 +461,36 @@ class ActCompiledModule(nn.Module):
         if previous is None:
             self._over_budget[key] = grown
             return
-        grown = min(grown, previous)
+        grown = max(grown, previous)
         nodes = max(1, self._nodes[key])
-        more = -(-(grown - budget) * 11 // (10 * nodes)) + 16
-        config = self.compile_config
-        self.__dict__["compile_config"] = dataclasses.replace(
-            config, reserve_bytes_per_node=config.reserve_bytes_per_node + more)
-        warnings.warn(f"actcompile: this forward kept {format_bytes(grown)} on the heap, over its budget of "
-                      f"{format_bytes(budget)}: autograd's records take more than the "
-                      f"{config.reserve_bytes_per_node} B per node reserved; the next forward re-plans with "
-                      f"{self.compile_config.reserve_bytes_per_node} B per node", PlanDriftWarning, stacklevel=3)
+        old = self.compile_config
+        # what the heap held beyond the planned storages and the packed tensors' own reserve,
+        # per autograd node, +3%
+        plan = self._plans[key]
+        packed = sum(1 for a in plan.assignments if a.codec != RECOMPUTE)
+        beyond = grown - plan.planned_bytes - old.reserve_bytes_per_packed * packed
+        overhead = -(-beyond * 103 // (100 * nodes))
+        reserve = max(old.reserve_bytes_per_node + 16, overhead)
+        self.__dict__["compile_config"] = dataclasses.replace(old, reserve_bytes_per_node=reserve)
+        measured = (f"this forward kept {format_bytes(grown)} on the heap, over its budget of {format_bytes(budget)}: "
+                    f"autograd's records take more than the {old.reserve_bytes_per_node} B per node reserved")
+        try:
+            self._plan_again(key, args, kwargs)
+        except BudgetError as err:
+            self.__dict__["compile_config"] = old
+            self._plan_again(key, args, kwargs)
+            warnings.warn(f"actcompile: {measured}, and no plan fits the budget with the "
+                          f"{reserve} B per node measured ({err}); the previous plan is kept "
+                          "and the budget is not met", PlanDriftWarning, stacklevel=3)
+            return
+        warnings.warn(f"actcompile: {measured}; re-planned with {self.compile_config.reserve_bytes_per_node} B per node",
+                      PlanDriftWarning, stacklevel=3)
+
+    def _plan_again(self, key, args, kwargs) -> None:
         for runner in self._ran:
             self._graphs.pop(runner, None)
-        self._ready.discard(key)
         self._stale.add(key)
+        self._plan_forward(key, args, kwargs)
 
     @property
     def last_stats(self) -> RuntimeStats | None:
@@ -486,7 +514,7 @@ class ActCompiledModule(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         for derived in ("_forward", "_graphs", "_ratio", "_call", "_ran", "_stats", "_ready", "_stale", "_pinned",
-                        "_forwards", "drifts", "_nodes", "_over_budget"):
+                        "_forwards", "drifts", "_nodes", "_over_budget", "_since_plan"):
             state.pop(derived, None)   # rebuilt: the kept plans are adopted on the next call
         return state
 

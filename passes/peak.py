@@ -150,45 +150,64 @@ def predict_peak(profile: MemoryProfile, plan: Plan, *, extra_bytes: int = 0, co
                           and s not in outside and s not in parameter}
     constant = extra_bytes + profile.output_bytes
 
-    # Forward: after node k, what a later node reads, what is kept whole, and the payloads so far.
-    forward_peak = 0
-    for k in range(len(nodes)):
-        alive = constant + max((transients[s][0] for s in saves_at.get(k, ()) if s in transients), default=0)
-        for s, at in made_at.items():
-            if at > k or s in outside or s in parameter:
-                continue
-            kept_whole = s in held_after_forward and s not in packed and s not in recomputed
-            if last_read[s] >= k or kept_whole or s in returned:   # node k's inputs live while it runs
-                alive += size[s]
-            if s in packed and first_saver.get(s, len(nodes)) <= k:
-                alive += packed[s]
-        forward_peak = max(forward_peak, alive)
+    n = len(nodes)
+    # output_bytes (in `constant`) already counts the returned storages no backward reads
+    counted_as_output = set(storages_of.get("output", ())) - set(tensors)
 
-    # Backward, node k in reverse order: saves not yet released, decoded copies, gradients.
-    backward_peak = 0
-    for k in range(len(nodes) - 1, -1, -1):
-        alive = constant
-        for s in held_after_forward:
-            if first_saver[s] > k:
-                continue          # released: its first saver's backward has run
-            if s in recomputed:
-                alive += size[s] if k <= recomputed[s] else 0
-            elif s in returned:
-                continue          # counted below with what the caller holds
-            else:
-                alive += packed.get(s, size[s])
-        alive += sum(size[s] for s in returned)
-        decoded = {s for s in saves_at.get(k, ()) if s in packed}   # node k's packed saves, decoded one by one
-        alive += sum(size[s] for s in decoded) + max((transients[s][1] for s in decoded), default=0)
-        for s, at in made_at.items():
-            if not needs_grad[s] or s in outside:
-                continue
-            if s in parameter:
-                alive += size[s] if last_read[s] >= k else 0
-            elif at <= k <= last_read[s] and last_read[s] > at:
-                alive += size[s]
-        backward_peak = max(backward_peak, alive)
-    return PeakEstimate(forward_peak, backward_peak)
+    # Forward, after node k: what a later node reads (node k's inputs live while it runs), what is
+    # kept whole or returned, the payloads so far, and the largest pack's temporaries at node k.
+    forward = _Sweep(n)
+    for s, at in made_at.items():
+        if s in outside or s in parameter or s in counted_as_output:
+            continue
+        kept_whole = s in held_after_forward and s not in packed and s not in recomputed
+        forward.add(at, n - 1 if kept_whole or s in returned else last_read[s], size[s])
+        if s in packed and s in first_saver:
+            forward.add(first_saver[s], n - 1, packed[s])
+    for k, saved in saves_at.items():
+        forward.add(k, k, max((transients[s][0] for s in saved if s in transients), default=0))
+
+    # Backward, node k: saves not yet released (their first saver's backward has not run), a
+    # recomputed segment's saves from its last node down, node k's decoded copies, gradients.
+    backward = _Sweep(n)
+    for s in held_after_forward:
+        if s in returned:
+            continue          # counted with what the caller holds
+        if s in recomputed:
+            backward.add(first_saver[s], recomputed[s], size[s])
+        else:
+            backward.add(first_saver[s], n - 1, packed.get(s, size[s]))
+    backward.add(0, n - 1, sum(size[s] for s in returned))
+    for k, saved in saves_at.items():
+        decoded = {s for s in saved if s in packed}   # node k's packed saves, decoded one by one
+        backward.add(k, k, sum(size[s] for s in decoded) + max((transients[s][1] for s in decoded), default=0))
+    for s, at in made_at.items():
+        if not needs_grad[s] or s in outside:
+            continue
+        if s in parameter:
+            backward.add(0, last_read[s], size[s])   # made at its last reader's backward, kept
+        elif last_read[s] > at:
+            backward.add(at, last_read[s], size[s])  # from its last reader's backward to its maker's
+    return PeakEstimate(constant + forward.peak(), constant + backward.peak())
+
+
+class _Sweep:
+    """Bytes alive at each of ``n`` steps, from intervals added in O(1) and summed once."""
+
+    def __init__(self, n: int):
+        self.delta = [0] * (n + 1)
+
+    def add(self, first: int, last: int, nbytes: int) -> None:
+        if nbytes and first <= last:
+            self.delta[first] += nbytes
+            self.delta[last + 1] -= nbytes
+
+    def peak(self) -> int:
+        alive, peak = 0, 0
+        for d in self.delta[:-1]:
+            alive += d
+            peak = max(peak, alive)
+        return peak
 
 
 def _gradient_bytes(profile: MemoryProfile) -> int:
@@ -237,6 +256,10 @@ def choose_plans_for_peak(profiles: list[MemoryProfile], config: CompileConfig, 
     limit = config.budget.resolve(peak)
     if peak <= limit:
         return plans, limit, peak
+    if limit <= static_bytes:
+        raise BudgetError(f"no plan keeps the step's peak under {format_bytes(limit)} ({limit} B): the "
+                          f"parameters, buffers and optimizer state alone take {format_bytes(static_bytes)} ({static_bytes} B) "
+                          "(budget_scope='peak')", smallest_bytes=None)
     activations = fixed_bytes + sum(r * p.baseline_bytes for p, r in zip(profiles, repeats or [1] * len(profiles)))
     target = activations - (peak - limit)
     for _ in range(6):

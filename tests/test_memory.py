@@ -154,7 +154,7 @@ def test_a_reserve_too_small_for_autograds_records_grows_to_what_the_heap_holds(
                               check_every=check_every)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            for _ in range(6):   # forwards 2 and 4 are checks; 5 re-plans
+            for _ in range(9):   # checks: forwards 4 and 8 (not the first three after planning); 8 re-plans
                 compiled(x).sum().backward()
         model.zero_grad(set_to_none=True)
         kept = min(kept_by_forward(compiled, x) for _ in range(2))
@@ -166,6 +166,7 @@ def test_a_reserve_too_small_for_autograds_records_grows_to_what_the_heap_holds(
     assert any("on the heap" in str(w.message) for w in warned), "the forward kept more than its budget, unnoticed"
     assert checked.compile_config.reserve_bytes_per_node > 256
     assert checked.plan.budget_bytes == unchecked.plan.budget_bytes
+    assert checked.plan.planned_bytes < unchecked.plan.planned_bytes, "the larger reserve must keep fewer bytes"
     assert kept <= checked.plan.budget_bytes, (
         f"after re-planning the forward keeps {kept} B > budget {checked.plan.budget_bytes} B")
 
@@ -227,3 +228,36 @@ def test_a_graph_part_the_loss_never_reaches_is_freed_every_step():
         heaps.append(heap_in_use())
     front_saves = 8 * 16 * 32 * 32 * 4   # the ReLU's output, saved by the ReLU itself
     assert heaps[-1] - heaps[1] < front_saves, f"the heap grew {heaps[-1] - heaps[1]} B over 4 steps"
+
+
+def test_the_heap_check_keeps_a_plan_it_cannot_improve_and_leaves_budget_one_alone():
+    import warnings
+
+    import pytest
+
+    from actcompile import PlanDriftWarning, actcompile
+    from actcompile.measure import heap_measurable
+
+    if not heap_measurable():
+        pytest.skip("needs glibc's mallinfo2 to measure the heap")
+    torch.manual_seed(0)
+    model, x = _SplitCat(width=64, pieces=16, depth=3), torch.randn(32, 64)
+    # 1.0 is "as it is": nothing to hold autograd's records to, so no check and no re-plan
+    whole = actcompile(model, budget=1.0, example_inputs=x, check_every=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PlanDriftWarning)
+        for _ in range(10):
+            whole(x).sum().backward()
+    assert whole.compile_config.reserve_bytes_per_node == 1024
+    # a byte budget the true records cannot fit: the old plan stays, the warning says the budget is not met
+    baseline = whole.plan.baseline_bytes
+    tight = actcompile(model, budget=baseline + 40 * 1024, example_inputs=x, codecs=["int8"], recompute=False,
+                       reserve_bytes_per_node=64, check_every=2)
+    before = tight.plan
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(10):
+            tight(x).sum().backward()
+    kept = [w for w in caught if issubclass(w.category, PlanDriftWarning) and "previous plan is kept" in str(w.message)]
+    assert kept, [str(w.message) for w in caught]
+    assert tight.compile_config.reserve_bytes_per_node == 64 and tight.plan == before

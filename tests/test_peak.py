@@ -69,7 +69,7 @@ def _measured_peaks(fractions: list[float]) -> list[dict]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM and glibc's malloc options are Linux's")
-def test_measured_peak_stays_under_four_budgets_and_grows_with_them():
+def test_measured_peak_stays_within_five_percent_of_four_budgets_and_grows_with_them():
     rows = _measured_peaks([0.95, 0.9, 0.85, 0.75])
     for row in rows:
         assert row["compressed"] > 0, f"at {row['fraction']} nothing was compressed: {row}"
@@ -106,10 +106,12 @@ def test_peak_plan_is_reported_and_round_trips():
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
                           nn.Flatten(), nn.Linear(16 * 32 * 32, 4))
     x = torch.randn(8, 3, 32, 32)
-    whole = explain(model, x, budget=1.0, budget_scope="peak")
-    plan = explain(model, x, budget=0.85, budget_scope="peak", optimizer=torch.optim.SGD(model.parameters(), lr=0.1,
-                                                                                         momentum=0.9))
-    assert plan.peak_budget_bytes is not None and plan.predicted_peak_bytes <= plan.peak_budget_bytes
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    bare = explain(model, x, budget=1.0, budget_scope="peak")
+    whole = explain(model, x, budget=1.0, budget_scope="peak", optimizer=optimizer)
+    plan = explain(model, x, budget=0.85, budget_scope="peak", optimizer=optimizer)
+    assert whole.predicted_peak_bytes - bare.predicted_peak_bytes == resident_bytes(model), "momentum: one copy"
+    assert plan.peak_budget_bytes == int(0.85 * whole.predicted_peak_bytes)   # a fraction of the uncompressed peak
     assert plan.planned_bytes < whole.planned_bytes, "a lower peak budget must keep fewer activation bytes"
     assert "step peak" in str(plan)
     assert ModelPlan.from_json(plan.to_json()) == plan
@@ -118,10 +120,13 @@ def test_peak_plan_is_reported_and_round_trips():
 
 def test_peak_budget_below_parameters_and_state_names_the_least_peak():
     model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256))
-    with pytest.raises(BudgetError, match="parameters, buffers and optimizer state") as caught:
+    static = 3 * resident_bytes(model)   # the weights and Adam's two moments
+    with pytest.raises(BudgetError, match=f"optimizer state alone take .* \\({static} B\\)"):
         explain(model, torch.randn(64, 256), budget=100_000, budget_scope="peak",
                 optimizer=torch.optim.Adam(model.parameters()))
-    assert caught.value.smallest_bytes > 3 * resident_bytes(model), "the least peak holds weights and Adam's state"
+    with pytest.raises(BudgetError, match="the least predicted is"):   # above them, but below any plan's peak
+        explain(model, torch.randn(64, 256), budget=static + 50_000, budget_scope="peak",
+                optimizer=torch.optim.Adam(model.parameters()))
 
 
 @pytest.mark.parametrize("options, message", [
