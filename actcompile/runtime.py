@@ -151,7 +151,7 @@ class _Session:
             # is that node, a cycle no collector sees. A part of the graph the loss never reaches
             # (in front of a no_grad block) then lived forever: +3.5 MB per step on a small net.
             # Autograd keeps the saved tensor's grad_fn and metadata itself when hooks are on.
-            return t.detach() if t.requires_grad else t
+            return _Kept(t.detach() if t.requires_grad else t)
         whole = packable_view(t.detach())
         codec = planned.codec
         eager = getattr(codec, "codec", codec)   # the eager codec behind compiled kernels
@@ -205,7 +205,28 @@ class _Session:
         self.stats.measured_errors[(self.node, self.ordinal - 1)] = relative_error(sample, decoded)
 
 
+class _Kept:
+    """A save the plan keeps as it is, with its version: under saved-tensor hooks autograd no
+    longer checks that the tensor was not modified in place after it was saved, so this does
+    (PyTorch raises there; without the check backward read the modified values silently)."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor, self.version = tensor, tensor._version
+
+    def unpack(self) -> torch.Tensor:
+        if self.tensor._version != self.version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: [{self.tensor.dtype} {list(self.tensor.shape)}] is at version {self.tensor._version}; "
+                f"expected version {self.version} instead (actcompile checks what autograd's hooks do not)")
+        return self.tensor
+
+
 def _unpack(saved):
+    if isinstance(saved, _Kept):
+        return saved.unpack()
     if isinstance(saved, torch.Tensor):
         return saved
     if isinstance(saved, _Outer):

@@ -262,3 +262,23 @@ def test_double_backward():
     approx = penalty_grads(compressed)
     assert compressed.last_stats.packed_tensors > 0
     assert cosine(ref, approx) > 0.99
+
+
+def test_modifying_a_saved_tensor_in_place_raises_as_without_actcompile():
+    """Under saved-tensor hooks autograd's own version check is off; a kept save must still raise."""
+
+    class ModifiesSaved(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x):
+            y = torch.sigmoid(self.lin(x))   # sigmoid saves its output
+            y.add_(1)
+            return y.sum(1)
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    for model in (ModifiesSaved(), actcompile(ModifiesSaved(), budget=1.0, example_inputs=x)):
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            model(x).sum().backward()
