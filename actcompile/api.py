@@ -534,7 +534,10 @@ def actcompile(model: nn.Module, budget=None, example_inputs=None, codecs=None, 
     ``budget``: ``"2GB"`` (10⁹), ``"2GiB"`` (2³⁰), an int of bytes, or a float in (0, 1] of the
     uncompressed activation bytes. Or, instead, ``tolerance=0.01``: the least memory whose
     predicted parameter-gradient error (``plan.predicted_gradient_error``, from one probe
-    backward's gradient shares) stays ≤ 0.01. ``example_inputs`` (a tensor, a tuple of args or a dict of
+    backward's gradient shares) stays ≤ 0.01. With ``budget_scope="peak"`` (and ``optimizer=opt``,
+    whose state counts too) the budget bounds a training step's whole high-water mark, predicted
+    from liveness over the graph (``plan.predicted_peak_bytes``; :mod:`actcompile.passes.peak`).
+    ``example_inputs`` (a tensor, a tuple of args or a dict of
     kwargs) plans at once; otherwise the first training call plans. ``codecs`` restricts the
     codecs the policy may use (names or instances). ``options`` are :class:`CompileConfig` fields.
     """
