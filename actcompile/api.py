@@ -54,7 +54,7 @@ from torch import nn
 from actcompile.codecs import get_codec
 from actcompile.config import DRIFT_SLACK, Budget, CompileConfig, default_codecs, parse_budget
 from actcompile.errors import BudgetError, CodecError, PlanDriftWarning
-from actcompile.passes.calibrate import calibrate
+from actcompile.passes.calibrate import Calibrator, calibrate
 from actcompile.passes.capture import (CapturedGraph, GraphRunner, Inputs, capture_graphs, dynamo_forward,
                                        handling, input_kinds, normalize_inputs)
 from actcompile.passes.emit import CompressedGraphModule, emit_regions
@@ -104,17 +104,43 @@ def make_config(budget, codecs=None, optimizer=None, **options) -> CompileConfig
     return CompileConfig(budget=parse_budget(budget), codecs=codecs or (), **options)
 
 
-def _calibrated(graph: CapturedGraph, config: CompileConfig, whole: frozenset = frozenset()):
-    """``(profile, calibration, shares)`` of one captured graph: what it saves, each codec's error
-    on it, and (with ``error_weighting="gradient"``) each saved tensor's gradient share.
-    ``whole``: ``(node, ordinal)`` keys calibrated on the whole tensor (their plan drifted)."""
-    profile = profile_memory(graph)
+def _candidate_choices(profile, config: CompileConfig) -> tuple[dict, dict]:
+    """``({key: codecs to try}, {key: (shape, dtype)})`` for the saves of ``profile`` the policy may pack."""
     candidates, _ = split_candidates(profile, config)
     choices = {(t.node, t.ordinal): codec_choices(t, config) for t in candidates}
     expected = {(t.node, t.ordinal): (t.shape, t.dtype) for t in candidates}
-    calibration = calibrate(graph, {k: v for k, v in choices.items() if v}, expected, whole)
+    return {k: v for k, v in choices.items() if v}, expected
+
+
+def _early_calibrator(graph: CapturedGraph, config: CompileConfig, whole: frozenset) -> Calibrator:
+    """A :class:`Calibrator` for ``graph``'s saves during the capture forward itself, from a profile
+    made before the forward has run on (what later graphs save again and what the forward returns
+    are not known yet: its candidates are a superset of the final profile's). A save the forward
+    turns out to return is read after backward too, so a ``mask`` exact by its backward use alone
+    no longer is: the measured mask is calibrated as well."""
+    choices, expected = _candidate_choices(profile_memory(graph), config)
+    for codecs in choices.values():
+        codecs += [dataclasses.replace(c, predicate_only=False) for c in codecs if getattr(c, "predicate_only", False)]
+    return Calibrator(choices, expected, whole)
+
+
+def _calibrated(graph: CapturedGraph, config: CompileConfig, whole: frozenset = frozenset(),
+                early: Calibrator | None = None):
+    """``(profile, calibration, shares)`` of one captured graph: what it saves, each codec's error
+    on it, and (with ``error_weighting="gradient"``) each saved tensor's gradient share.
+    ``whole``: ``(node, ordinal)`` keys calibrated on the whole tensor (their plan drifted).
+    ``early``: a calibrator that ran in the capture forward; what it measured (with the codecs
+    the final profile offers) is used, and only the rest costs a calibration forward."""
+    profile = profile_memory(graph)
+    choices, expected = _candidate_choices(profile, config)
+    measured = early.results if early is not None else {}
+    calibration = {k: [m for m in measured[k] if m[0] in codecs] for k, codecs in choices.items()
+                   if k in measured and all(c in [m[0] for m in measured[k]] for c in codecs)}
+    rest = {k: v for k, v in choices.items() if k not in calibration}
+    if rest:
+        calibration.update(calibrate(graph, rest, expected, whole))
     weighted = config.error_weighting == "gradient" or config.tolerance is not None
-    shares = gradient_shares(graph) if weighted and candidates else None
+    shares = gradient_shares(graph) if weighted and choices else None
     return profile, calibration, shares
 
 
@@ -239,16 +265,27 @@ class ActCompiledModule(nn.Module):
     def _plan_forward(self, key, args, kwargs) -> ModelPlan:
         """Capture one forward, then plan every graph in it not planned yet, under one budget."""
         started = time.perf_counter()
-        graphs = capture_graphs(self._original, Inputs(args, kwargs), forward=self._dynamo())
         known = self._plans.get(key)
-        if known is not None and key not in self._stale and self._adopt(known, graphs):
+        adopting = known is not None and key not in self._stale
+        early: dict[GraphRunner, Calibrator] = {}
+
+        def calibrate_in_capture(graph: CapturedGraph):   # one real forward both captures and calibrates
+            if adopting or graph.runner in self._graphs or graph.runner in early:
+                return None
+            early[graph.runner] = _early_calibrator(graph, self.compile_config, self._drifted_keys(graph.name))
+            return early[graph.runner]
+
+        graphs = capture_graphs(self._original, Inputs(args, kwargs), forward=self._dynamo(),
+                                on_graph=calibrate_in_capture)
+        if adopting and self._adopt(known, graphs):
             plan = known
         else:
             new = list({id(g.runner): g for g in graphs if g.runner not in self._graphs}.values())
             repeats = [sum(1 for g in graphs if g.runner is n.runner) for n in new]
             fixed = sum(self._graphs[g.runner].plan.planned_bytes for g in graphs if g.runner in self._graphs)
             with preserved_state(self._original):
-                measured = [_calibrated(g, self.compile_config, self._drifted_keys(g.name)) for g in new]
+                measured = [_calibrated(g, self.compile_config, self._drifted_keys(g.name), early.get(g.runner))
+                            for g in new]
             config, peak = self.compile_config, {}
             arguments = ([p for p, _, _ in measured], config, [c for _, c, _ in measured])
             if config.budget_scope == "peak":

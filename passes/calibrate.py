@@ -93,6 +93,41 @@ def measure_whole(codec, x: torch.Tensor) -> tuple[float, int]:
     return relative_error(x, codec.unpack(packed)), packed_bytes(packed)
 
 
+class Calibrator:
+    """Measures each candidate codec on each save as a forward makes it: an ``on_save`` callback
+    for :func:`~actcompile.passes.memory.record_saves` (or a capture forward, which then also
+    calibrates: one real forward instead of two).
+
+    ``choices``, ``expected`` and ``whole`` are as in :func:`calibrate`; after the forward,
+    ``results`` holds ``{key: [(codec, relative error, packed bytes), ...]}`` for every key it saw.
+    """
+
+    def __init__(self, choices: dict[Key, list], expected: dict[Key, tuple] | None = None,
+                 whole: frozenset = frozenset()):
+        self.choices, self.expected, self.whole = choices, expected, whole
+        self.results: dict[Key, list] = {}
+
+    def __call__(self, node, ordinal, t, kind) -> None:
+        key = (node, ordinal)
+        codecs = self.choices.get(key)
+        if codecs is None:
+            return
+        if self.expected is not None and self.expected[key] != (tuple(t.shape), str(t.dtype).removeprefix("torch.")):
+            raise ActCompileError(
+                f"calibration: node {node} save #{ordinal} is {tuple(t.shape)} {t.dtype} on the real "
+                f"inputs but {self.expected[key]} in the profile; the graph does not run the same way twice"
+            )
+        x = packable_view(t.detach())
+        with torch.no_grad(), warnings.catch_warnings():
+            # a narrow dtype the values do not fit is expected here: measured as no saving, not warned
+            warnings.simplefilter("ignore", PlanDriftWarning)
+            if key in self.whole:
+                self.results[key] = [(codec, *measure_whole(codec, x)) for codec in codecs]
+            else:
+                sample = representative_sample(x)
+                self.results[key] = [(codec, *measure(codec, x, sample)) for codec in codecs]
+
+
 def calibrate(graph: CapturedGraph, choices: dict[Key, list],
               expected: dict[Key, tuple] | None = None,
               whole: frozenset = frozenset()) -> dict[Key, list[tuple[object, float, int]]]:
@@ -102,30 +137,9 @@ def calibrate(graph: CapturedGraph, choices: dict[Key, list],
     ``(shape, dtype)`` the profile predicted; a mismatch raises. Keys in ``whole`` are measured
     on the whole tensor, never a sample or an estimate (a tensor whose plan drifted).
     """
-    results: dict[Key, list] = {}
-
-    def on_save(node, ordinal, t, kind):
-        key = (node, ordinal)
-        codecs = choices.get(key)
-        if codecs is None:
-            return
-        if expected is not None and expected[key] != (tuple(t.shape), str(t.dtype).removeprefix("torch.")):
-            raise ActCompileError(
-                f"calibration: node {node} save #{ordinal} is {tuple(t.shape)} {t.dtype} on the real "
-                f"inputs but {expected[key]} in the profile; the graph does not run the same way twice"
-            )
-        x = packable_view(t.detach())
-        with torch.no_grad(), warnings.catch_warnings():
-            # a narrow dtype the values do not fit is expected here: measured as no saving, not warned
-            warnings.simplefilter("ignore", PlanDriftWarning)
-            if key in whole:
-                results[key] = [(codec, *measure_whole(codec, x)) for codec in codecs]
-            else:
-                sample = representative_sample(x)
-                results[key] = [(codec, *measure(codec, x, sample)) for codec in codecs]
-
-    record_saves(graph.gm, graph.flat_inputs, on_save, fake=False, input_kinds=graph.input_kinds)
-    missing = set(choices) - set(results)
+    calibrator = Calibrator(choices, expected, whole)
+    record_saves(graph.gm, graph.flat_inputs, calibrator, fake=False, input_kinds=graph.input_kinds)
+    missing = set(choices) - set(calibrator.results)
     if missing:
         raise ActCompileError(f"calibration: the real forward never saved {sorted(missing)[:5]} (predicted by the profile)")
-    return results
+    return calibrator.results

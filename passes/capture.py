@@ -242,7 +242,7 @@ def _no_unpack(_):
 
 
 def capture_graphs(model: torch.nn.Module, example_inputs, *, forward=None,
-                   on_graph: Callable[[CapturedGraph], None] | None = None) -> list[CapturedGraph]:
+                   on_graph: Callable[[CapturedGraph], object] | None = None) -> list[CapturedGraph]:
     """Run one training forward of ``model`` through Dynamo; the graphs it ran, in call order.
 
     The forward keeps no activations (saves are dropped) and leaves no trace: buffers (BatchNorm
@@ -250,7 +250,8 @@ def capture_graphs(model: torch.nn.Module, example_inputs, *, forward=None,
     :func:`dynamo_forward` of ``model`` to reuse (else one is made). ``on_graph`` is called with
     each graph as it is reached. Raises :class:`InputMismatchError` if the inputs do not fit
     ``model.forward`` or the model cannot run on them, :class:`TraceError` if it runs but no
-    graph could be captured.
+    graph could be captured. ``on_graph`` may return a callable ``(node, ordinal, tensor, kind)``:
+    it then sees every save of that graph's real run (a calibration done in the same forward).
     """
     from actcompile.passes.memory import record_saves
     from actcompile.runtime import preserved_state
@@ -271,10 +272,11 @@ def capture_graphs(model: torch.nn.Module, example_inputs, *, forward=None,
                 kinds[i] = TensorKind.SHARED
         graph = CapturedGraph(runner, flat_inputs, tuple(kinds))
         graphs.append(graph)
-        if on_graph is not None:
-            on_graph(graph)
+        observer = on_graph(graph) if on_graph is not None else None
 
         def on_save(node, ordinal, t, kind):
+            if observer is not None:
+                observer(node, ordinal, t, kind)
             if kind is TensorKind.SHARED:
                 _, earlier, key = first_save(t)
                 earlier.saved_later.add(key)

@@ -353,3 +353,24 @@ def test_variable_rate_codecs_plug_into_the_policy(codec):
     stats = compiled.last_stats
     assert stats.packed_bytes <= sum(a.bytes_after for a in compiled.plan.assignments)
     assert compare_gradients(ref, grads)[0] > 0.9
+
+
+@pytest.mark.parametrize("name", ["inplace_cnn", "branchy"])   # dropout; a graph break (two graphs)
+def test_planning_calibrates_inside_the_capture_forward(monkeypatch, name):
+    """One real forward both captures the graphs and calibrates the codecs on their saves: no
+    calibration forward of its own, and the plan is the one a separate calibration forward makes."""
+    import actcompile.api as api
+
+    model, x = build(name)
+    forwards = []
+    calibrate = api.calibrate
+    monkeypatch.setattr(api, "calibrate", lambda *a, **k: forwards.append(a[0].name) or calibrate(*a, **k))
+    one = explain(model, x, budget=0.25, recompute=False)
+    assert one.assignments and forwards == []
+    monkeypatch.setattr(api, "_early_calibrator", lambda graph, config, whole: api.Calibrator({}))
+    two = explain(model, x, budget=0.25, recompute=False)
+    assert forwards, "the fallback (nothing measured in the capture) calibrates in a forward of its own"
+
+    def rows(plan):
+        return [(a.node, a.ordinal, a.codec, a.epsilon, a.error, a.bytes_after) for a in plan.assignments]
+    assert rows(one) == rows(two)
