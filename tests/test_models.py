@@ -21,13 +21,29 @@ def measured(name):
     return run_isolated(name, BUDGET, timed=False)   # no test asserts a time
 
 
+# Models whose forward Dynamo captures differently from its eager run, and why: the captured
+# graph is what actcompile runs (and plans), so only there the analyzer is held to 2%.
+CAPTURED_DIFFERS = {
+    # Hugging Face without a KV cache cannot check a traced position_ids for packed sequences:
+    # it builds a dense 4-D mask and SDPA repeats the key/value heads (+6-7% kept).
+    "llama": 1.10,
+}
+
+
 @pytest.mark.parametrize("name", TRACE_SUITE)
 def test_analyzer_predicts_what_the_forward_keeps(name):
+    """Within 2% (or 64 KiB) of the heap the captured forward keeps (the model run by actcompile at
+    budget 1.0), and of the eager forward's where Dynamo captures what eager runs."""
     r = measured(name)
-    diff = abs(r["predicted_bytes"] - r["measured_bytes"])
-    tolerance = max(0.03 * r["measured_bytes"], 64 * 1024)
-    assert diff <= tolerance, (f"{name}: predicted {r['predicted_bytes']} B, heap shows {r['measured_bytes']} B "
-                               f"(off by {diff} B > {tolerance:.0f} B)")
+    for what in ("measured_captured_bytes", "measured_bytes"):
+        if what == "measured_bytes" and name in CAPTURED_DIFFERS:
+            ratio = r["measured_captured_bytes"] / r["measured_bytes"]
+            assert 1.0 < ratio <= CAPTURED_DIFFERS[name], f"{name}: captured/eager kept {ratio:.3f}"
+            continue
+        diff = abs(r["predicted_bytes"] - r[what])
+        tolerance = max(0.02 * r[what], 64 * 1024)
+        assert diff <= tolerance, (f"{name}: predicted {r['predicted_bytes']} B, heap shows {r[what]} B ({what}; "
+                                   f"off by {diff} B > {tolerance:.0f} B)")
 
 
 @pytest.mark.parametrize("name", TRACE_SUITE)
