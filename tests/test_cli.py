@@ -1,0 +1,80 @@
+"""The ``actcompile`` command: a plan from the shell with its measured bytes, and one-line errors."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from actcompile import ModelPlan
+from actcompile.cli import main, parse_shape
+
+
+def test_plan_prints_the_table_and_measured_bytes_under_the_budget(tmp_path):
+    """The real command (a console script, re-executed with one malloc arena): exit 0, the plan
+    table, and the heap's kept bytes after a training forward, which must be within the budget."""
+    out = tmp_path / "plan.json"
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    run = subprocess.run([sys.executable, "-m", "actcompile.cli", "plan", "torchvision.models:resnet18",
+                          "--arg", "num_classes=10", "--input", "4x3x32x32", "--budget", "0.25", "--json", str(out),
+                          "--plot", str(tmp_path / "plan.svg")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr
+    plan = ModelPlan.from_json(out.read_text())
+    assert plan.planned_bytes <= plan.budget_bytes < plan.baseline_bytes
+    assert "planned" in run.stdout and "int8" in run.stdout   # the table
+    assert "budget" in (tmp_path / "plan.svg").read_text()
+    found = re.search(r"the heap keeps .*\((\d+) B\) after .* budget .*\((\d+) B\)", run.stdout)
+    assert found, run.stdout
+    kept, budget = int(found[1]), int(found[2])
+    assert budget == plan.budget_bytes and 0 < kept <= budget, run.stdout
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["plan", "torchvision.models", "--input", "2x3x32x32", "--budget", "0.5"], "package.module:factory"),
+    (["plan", "no_such_module_here:make", "--input", "2x3", "--budget", "0.5"], "cannot import module"),
+    (["plan", "torchvision.models:no_such_net", "--input", "2x3", "--budget", "0.5"], "has no 'no_such_net'"),
+    (["plan", "torchvision.models:resnet18", "--input", "2x3xA", "--budget", "0.5"], "not a shape"),
+    (["plan", "torchvision.models:resnet18", "--input", "2x0x4", "--budget", "0.5"], "not a shape"),
+    (["plan", "torchvision.models:resnet18", "--input", "2x3x32x32", "--budget", "1.5"], "fraction of the baseline"),
+    (["plan", "torchvision.models:resnet18", "--input", "2x3x32x32", "--budget", "lots"], "not a size"),
+    (["plan", "torchvision.models:resnet18", "--input", "2x3x32x32", "--budget", "0.5", "--codecs", "zip"],
+     "unknown ['zip']"),
+    (["plan", "torchvision.models:resnet18", "--input", "2x3x32x32", "--budget", "0.5", "--dtype", "int8"],
+     "floating dtype"),
+    (["plan", "torchvision.models:resnet18", "--arg", "depth", "--input", "2x3x32x32", "--budget", "0.5"],
+     "key=value"),
+    (["plan", "torchvision.models:resnet18", "--arg", "colour=3", "--input", "2x3x32x32", "--budget", "0.5"],
+     "raised TypeError"),
+    (["plan", "torch:ones", "--arg", "size=(2,)", "--input", "2x3", "--budget", "0.5"], "returned a Tensor"),
+    (["plan", "torchvision.models:resnet18", "--input", "2x7", "--budget", "0.5"], "cannot run on the example inputs"),
+])
+def test_bad_model_specs_shapes_and_budgets_are_one_line_and_exit_2(capsys, argv, says):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("actcompile: error: ") and says in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_argparse_errors_also_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", "torchvision.models:resnet18", "--budget", "0.5"])   # no --input
+    assert exit_.value.code == 2
+    assert "--input" in capsys.readouterr().err
+
+
+def test_shapes_parse():
+    assert parse_shape("32x3x224x224") == (32, 3, 224, 224)
+    assert parse_shape("2×128") == (2, 128)
+
+
+def test_plan_json_of_the_compiled_back_end_lists_one_plan_per_graph(tmp_path, capsys):
+    out = tmp_path / "plans.json"
+    assert main(["plan", "actcompile.zoo:MNISTNet", "--input", "8x1x28x28", "--budget", "0.5", "--compile",
+                 "--json", str(out), "--plot", str(tmp_path / "plan.png")]) == 0
+    plans = json.loads(out.read_text())
+    assert plans and all(p["budget_bytes"] > 0 for p in plans)
+    assert "graph 0:" in capsys.readouterr().out
+    assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
