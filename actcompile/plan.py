@@ -275,6 +275,8 @@ class Plan:
     baseline_bytes: int
     regions: tuple[Region, ...]
     skipped: tuple[Skip, ...]
+    # the nodes that save something, in graph order (for plot()); () in plans made before it was kept
+    node_order: tuple[str, ...] = ()
 
     def __post_init__(self):
         _require(self.budget_bytes >= 0, "Plan", "budget_bytes", self.budget_bytes, "must be >= 0")
@@ -325,7 +327,13 @@ class Plan:
         )
         skipped = tuple(Skip(**dict(s, reason=SkipReason(s["reason"]))) for s in data["skipped"])
         return cls(budget_bytes=data["budget_bytes"], baseline_bytes=data["baseline_bytes"],
-                   regions=regions, skipped=skipped)
+                   regions=regions, skipped=skipped, node_order=tuple(data.get("node_order", ())))
+
+    def plot(self, path, **options):
+        """Save a picture of this plan to ``path`` (see :func:`actcompile.plot.plot_plan`; needs matplotlib)."""
+        from actcompile.plot import plot_plan
+
+        return plot_plan(self, path, **options)
 
     # -- table ----------------------------------------------------------------------------
     def region_rows(self) -> list[tuple[str, ...]]:
@@ -445,6 +453,12 @@ class ModelPlan:
             if s.graph == graph:
                 return s.plan
         raise KeyError(f"no graph {graph!r} in this plan; graphs: {[s.graph for s in self.sections]}")
+
+    def plot(self, path, **options):
+        """Save a picture of this plan to ``path`` (see :func:`actcompile.plot.plot_plan`; needs matplotlib)."""
+        from actcompile.plot import plot_plan
+
+        return plot_plan(self, path, **options)
 
     def to_json(self) -> str:
         data = {"budget_bytes": self.budget_bytes, "planning_seconds": self.planning_seconds,

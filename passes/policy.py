@@ -233,7 +233,13 @@ class _GraphProblem:
                 picks.update(zip(g.boundary, g.boundary_picks[pick - len(g.picks)]))   # kept for it
             else:
                 picks.update(zip(g.members, g.picks[pick]))
-        skips = list(self.skips)
+        # A recomputed segment also frees storages no codec may touch (too small, integer): their
+        # skip says so, as the recompute assignment's bytes_before counts them.
+        by_index = {t.index: t for t in self.profile.tensors}
+        freed_whole = {(by_index[i].node, by_index[i].ordinal): g.segment.nodes[0]
+                       for g in recomputed for i in g.freed if i in by_index}
+        skips = [Skip(s.node, s.ordinal, SkipReason.RECOMPUTED, freed_whole[s.node, s.ordinal], s.nbytes)
+                 if (s.node, s.ordinal) in freed_whole else s for s in self.skips]
         assignments = []
         for g in recomputed:
             freed = [k for k in g.members if self.candidates[k].index in g.freed]
@@ -381,8 +387,15 @@ def choose_plans(profiles: list[MemoryProfile], config: CompileConfig, calibrati
     total = max(baseline - fixed_bytes, 1)
     shares = [p + slack * b // total for p, b in zip(planned, baselines)]   # per call
     return [Plan(budget_bytes=share, baseline_bytes=problem.profile.baseline_bytes,
-                 regions=_regions(assignments, problem.profile.node_order), skipped=tuple(skips))
+                 regions=_regions(assignments, problem.profile.node_order), skipped=tuple(skips),
+                 node_order=_saving_nodes(assignments, skips, problem.profile.node_order))
             for share, problem, (assignments, skips) in zip(shares, problems, decoded)]
+
+
+def _saving_nodes(assignments, skips, node_order: tuple[str, ...]) -> tuple[str, ...]:
+    """The nodes the plan has a record of, in graph order."""
+    named = {a.node for a in assignments} | {s.node for s in skips}
+    return tuple(n for n in node_order if n in named)
 
 
 def _regions(assignments: list[Assignment], node_order: tuple[str, ...]) -> tuple[Region, ...]:
