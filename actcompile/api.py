@@ -44,6 +44,7 @@ True
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
 import warnings
 import weakref
@@ -246,6 +247,7 @@ class ActCompiledModule(nn.Module):
         self.__dict__["drifts"] = []       # every Drift found, oldest first
         self.__dict__["_nodes"] = {}       # signature -> autograd nodes its forward leaves (planned here)
         self.__dict__["_over_budget"] = {}  # signature -> heap growth of its last check, if over the budget
+        self.__dict__["forward"] = _signed_forward(self)
         self.__dict__["_since_plan"] = {}   # signature -> forwards run since it was last planned
 
     # -- planning ----------------------------------------------------------------------------
@@ -280,7 +282,11 @@ class ActCompiledModule(nn.Module):
         if adopting and self._adopt(known, graphs):
             plan = known
         else:
-            new = list({id(g.runner): g for g in graphs if g.runner not in self._graphs}.values())
+            first_calls: dict[int, CapturedGraph] = {}   # a graph called twice: its first call, which
+            for g in graphs:                              # is the one calibrate_in_capture measured
+                if g.runner not in self._graphs:
+                    first_calls.setdefault(id(g.runner), g)
+            new = list(first_calls.values())
             repeats = [sum(1 for g in graphs if g.runner is n.runner) for n in new]
             fixed = sum(self._graphs[g.runner].plan.planned_bytes for g in graphs if g.runner in self._graphs)
             with preserved_state(self._original):
@@ -317,6 +323,25 @@ class ActCompiledModule(nn.Module):
 
     def _state(self, gm, plan: Plan, autograd_nodes: int | None = None) -> _GraphState:
         return _GraphState(plan, emit_regions(gm, plan, self.compile_config.compile_codecs), autograd_nodes)
+
+    def plan_for(self, example_inputs, *, pin: bool = False) -> ModelPlan:
+        """The plan for ``example_inputs``' signature: planned now (a training forward that keeps
+        nothing) unless one is already kept for it. ``pin``: never re-plan that signature in this
+        process (drift and heap checks then only warn), as for a plan shared with other processes."""
+        args, kwargs = normalize_inputs(self._original, example_inputs)
+        key = _signature(args, kwargs, self._original)
+        if key not in self._plans or key in self._stale:
+            with _training(self._original):
+                self._plan_forward(key, args, kwargs)
+        if pin:
+            self._pinned.add(key)
+        return self._plans[key]
+
+    def signature_of(self, example_inputs) -> str:
+        """What identifies ``example_inputs``' plan (shapes, dtypes, devices, which submodules
+        train), as text: two processes whose signatures differ cannot run one plan."""
+        args, kwargs = normalize_inputs(self._original, example_inputs)
+        return repr(_signature(args, kwargs, self._original))
 
     def use_plan(self, plan: ModelPlan, example_inputs) -> None:
         """Run with ``plan`` (from another process, a file, rank 0) for ``example_inputs``' signature.
@@ -551,7 +576,7 @@ class ActCompiledModule(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         for derived in ("_forward", "_graphs", "_ratio", "_call", "_ran", "_stats", "_ready", "_stale", "_pinned",
-                        "_forwards", "drifts", "_nodes", "_over_budget", "_since_plan"):
+                        "_forwards", "drifts", "_nodes", "_over_budget", "_since_plan", "forward"):
             state.pop(derived, None)   # rebuilt: the kept plans are adopted on the next call
         return state
 
@@ -563,6 +588,20 @@ class ActCompiledModule(nn.Module):
         config = self.compile_config
         goal = f"tolerance={config.tolerance:g}" if config.tolerance is not None else f"budget={config.budget}"
         return f"{goal}, codecs={[c.name for c in config.codecs]}"
+
+
+def _signed_forward(module: ActCompiledModule):
+    """``module.forward`` with the wrapped model's signature, for code that reads it to decide what
+    to pass (Hugging Face's ``Trainer`` drops dataset columns the forward does not name)."""
+    def forward(*args, **kwargs):
+        return ActCompiledModule.forward(module, *args, **kwargs)
+
+    try:
+        forward.__signature__ = inspect.signature(module._original.forward)
+    except (TypeError, ValueError):   # a builtin or C forward: no signature to copy
+        pass
+    forward.__doc__ = ActCompiledModule.forward.__doc__
+    return forward
 
 
 def actcompile(model: nn.Module, budget=None, example_inputs=None, codecs=None, **options) -> ActCompiledModule:
@@ -582,7 +621,5 @@ def actcompile(model: nn.Module, budget=None, example_inputs=None, codecs=None, 
         raise TypeError(f"actcompile needs an nn.Module, got {type(model).__name__}")
     compiled = ActCompiledModule(model, make_config(budget, codecs, **options))
     if example_inputs is not None:
-        args, kwargs = normalize_inputs(model, example_inputs)
-        with _training(model):
-            compiled._plan_forward(_signature(args, kwargs, model), args, kwargs)
+        compiled.plan_for(example_inputs)
     return compiled

@@ -40,7 +40,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
 from actcompile import meta
-from actcompile.errors import InputMismatchError, TraceError
+from actcompile.errors import ActCompileError, InputMismatchError, TraceError
 from actcompile.plan import TensorKind
 
 
@@ -293,6 +293,8 @@ def capture_graphs(model: torch.nn.Module, example_inputs, *, forward=None,
     with preserved_state(model), handling(record):
         try:
             result = run_dropping_saves(forward, *args, **kwargs)
+        except ActCompileError:   # from planning inside the forward (an on_graph observer): as it is
+            raise
         except Exception as err:
             shapes = [tuple(t.shape) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
             first = str(err).splitlines()[0] if str(err) else ""

@@ -213,7 +213,8 @@ def test_impossible_budget_names_smallest_achievable():
 
 def test_never_compressed_tensors_get_skips_with_reasons():
     model, x = build("resnet18")
-    plan = explain(model, x, budget=0.25, narrow_integers=False)
+    # recompute=False: a recomputed stem frees the max-pool's indices too (a RECOMPUTED skip)
+    plan = explain(model, x, budget=0.25, narrow_integers=False, recompute=False)
     reasons = {s.reason.name for s in plan.skipped}
     assert {"PARAMETER", "BUFFER", "INPUT", "NOT_FLOAT", "TOO_SMALL"} <= reasons
     compressed = {(a.node, a.ordinal) for a in plan.assignments if a.codec != "recompute"}   # that names a run
@@ -355,13 +356,39 @@ def test_variable_rate_codecs_plug_into_the_policy(codec):
     assert compare_gradients(ref, grads)[0] > 0.9
 
 
-@pytest.mark.parametrize("name", ["inplace_cnn", "branchy"])   # dropout; a graph break (two graphs)
+class _BrokenBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(256, 256), nn.Linear(256, 256)
+
+    def forward(self, x):
+        x = torch.tanh(self.a(x))
+        torch._dynamo.graph_break()
+        return torch.tanh(self.b(x))
+
+
+class _BlockTwice(nn.Module):
+    """One block (split by a graph break) called twice: its graphs run twice per forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = _BrokenBlock()
+
+    def forward(self, x):
+        return self.block(2 * self.block(x))
+
+
+@pytest.mark.parametrize("name", ["inplace_cnn", "branchy", "twice"])   # dropout; a graph break; graphs run twice
 def test_planning_calibrates_inside_the_capture_forward(monkeypatch, name):
     """One real forward both captures the graphs and calibrates the codecs on their saves: no
     calibration forward of its own, and the plan is the one a separate calibration forward makes."""
     import actcompile.api as api
 
-    model, x = build(name)
+    if name == "twice":
+        torch.manual_seed(0)
+        model, x = _BlockTwice(), torch.randn(64, 256)
+    else:
+        model, x = build(name)
     forwards = []
     calibrate = api.calibrate
     monkeypatch.setattr(api, "calibrate", lambda *a, **k: forwards.append(a[0].name) or calibrate(*a, **k))
