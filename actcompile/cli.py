@@ -29,6 +29,7 @@ import importlib
 import json
 import os
 import sys
+from pathlib import Path
 
 
 class UsageError(Exception):
@@ -69,6 +70,8 @@ def load_model(spec: str, arguments: list[str]):
     """Import ``package.module:factory`` and call it with ``key=value`` arguments (Python literals)."""
     import torch
 
+    if os.getcwd() not in sys.path and "" not in sys.path:   # a module next to the user, as with python -m
+        sys.path.insert(0, os.getcwd())
     module_name, colon, attribute = spec.partition(":")
     if not colon or not module_name or not attribute:
         raise UsageError(f"MODEL {spec!r}: give it as package.module:factory, like torchvision.models:resnet18")
@@ -95,7 +98,8 @@ def load_model(spec: str, arguments: list[str]):
     try:
         model = factory(**kwargs)
     except Exception as err:   # the user's factory: say which call failed and why, without a traceback
-        raise UsageError(f"{spec}({', '.join(arguments)}) raised {type(err).__name__}: {err}") from None
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise UsageError(f"{spec}({', '.join(arguments)}) raised {type(err).__name__}: {first}") from None
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"{spec}() returned a {type(model).__name__}; actcompile plans an nn.Module")
     return model
@@ -151,9 +155,9 @@ def _plan_compiled(model, inputs, budget, codecs, json_path, plot_path):
         with open(json_path, "w") as f:
             json.dump([json.loads(p.to_json()) for p in be.plans], f)
     if plot_path:   # one picture per compiled graph: plan.png, plan-1.png, ...
-        stem, dot, suffix = str(plot_path).rpartition(".")
+        path = Path(plot_path)
         for i, plan in enumerate(be.plans):
-            plan.plot(plot_path if i == 0 else f"{stem}-{i}.{suffix}" if dot else f"{plot_path}-{i}")
+            plan.plot(path if i == 0 else path.with_name(f"{path.stem}-{i}{path.suffix}"))
     return be.plans
 
 
@@ -164,8 +168,9 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("model", metavar="MODEL", help="package.module:factory, e.g. torchvision.models:resnet18")
     plan.add_argument("--input", action="append", required=True, metavar="SHAPE",
                       help="an input's shape, e.g. 32x3x224x224 (repeat for several positional inputs)")
-    plan.add_argument("--budget", required=True, help="fraction of the baseline (0.25), bytes, or a size (2GB)")
-    plan.add_argument("--codecs", nargs="+", help="codec names, or 'all' (default: quantizers and mask)")
+    plan.add_argument("--budget", required=True,
+                      help="a fraction of the baseline (0.25, 1.0), a size (2GB, 512MiB) or an integer of bytes")
+    plan.add_argument("--codecs", help="codec names joined by commas (int8,mask), or all (default: quantizers and mask)")
     plan.add_argument("--dtype", default="float32", help="dtype of random float inputs (default float32)")
     plan.add_argument("--int-input", type=int, metavar="VOCAB", help="inputs are token ids below VOCAB")
     plan.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
@@ -187,8 +192,8 @@ def main(argv=None) -> int:
 
         return demo(argv[1:])
     ns = _parser().parse_args(argv)
-    if command_line and os.environ.get("MALLOC_ARENA_MAX") != "1":   # glibc's heap counters need one arena
-        os.environ["MALLOC_ARENA_MAX"] = "1"                          # (actcompile/measure.py)
+    if command_line and "MALLOC_ARENA_MAX" not in os.environ and os.name == "posix":
+        os.environ["MALLOC_ARENA_MAX"] = "1"   # glibc's heap counters see one arena only (actcompile/measure.py)
         os.execv(sys.executable, [sys.executable, "-m", "actcompile.cli", *argv])
     from actcompile.errors import ActCompileError
 
@@ -197,21 +202,25 @@ def main(argv=None) -> int:
         budget = parse_budget_text(ns.budget)
         inputs = make_inputs(shapes, ns.dtype, ns.int_input)
         model = load_model(ns.model, ns.arg).train()
-        codecs = ns.codecs[0] if ns.codecs == ["all"] else ns.codecs
+        codecs = None if ns.codecs is None else "all" if ns.codecs == "all" else [c for c in ns.codecs.split(",") if c]
         if codecs is not None and codecs != "all":
             from actcompile.codecs import available_codecs
 
             unknown = [c for c in codecs if c not in available_codecs()]
             if unknown:
                 raise UsageError(f"--codecs: unknown {unknown}; available: {', '.join(available_codecs())}, or all")
-        if ns.plot:
+        if ns.plot:   # checked before the planning it would come after
             try:
-                import matplotlib  # noqa: F401
+                from matplotlib.backends.backend_agg import FigureCanvasAgg
+                from matplotlib.figure import Figure
             except ImportError:
                 raise UsageError("--plot needs matplotlib: pip install 'actcompile[plot]'") from None
+            formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+            if Path(ns.plot).suffix.lstrip(".").lower() not in formats:
+                raise UsageError(f"--plot {ns.plot!r}: end it with one of {', '.join('.' + f for f in sorted(formats))}")
         (_plan_compiled if ns.compile else _plan_eager)(model, inputs, budget, codecs, ns.json, ns.plot)
-    except (UsageError, ActCompileError) as err:
-        print(f"actcompile: error: {err}", file=sys.stderr)
+    except (UsageError, ActCompileError, OSError) as err:   # OSError: a --json/--plot path not writable
+        print(f"actcompile: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return 2
     return 0
 

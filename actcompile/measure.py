@@ -142,15 +142,16 @@ def max_output_difference(a, b) -> float:
 
 def measure_model(name: str, budget, *, steps_for_time: int = 3) -> dict:
     """Everything the tests and the memory benchmark assert or report for one zoo model."""
-    from actcompile import actcompile, explain
+    from actcompile import actcompile
     from actcompile.zoo import build
 
     model, inputs = build(name)
     with torch.no_grad():           # warm up lazy allocations (thread pools, kernels) outside the count
         call(model, inputs)
-    predicted = explain(model, inputs, budget=1.0, codecs=["none"]).baseline_bytes   # no codec to calibrate
+    # budget 1.0, no codec to calibrate: the analyzer's prediction, and the model as Dynamo captured it
+    captured = actcompile(model, budget=1.0, example_inputs=inputs, codecs=["none"])
+    predicted = captured.plan.baseline_bytes
     measured = kept_by_forward(model, inputs)
-    captured = actcompile(model, budget=1.0, example_inputs=inputs, codecs=["none"])   # runs Dynamo's graphs
     forward_backward(captured, inputs)
     measured_captured = kept_by_forward(captured, inputs)
     del captured

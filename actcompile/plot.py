@@ -62,7 +62,8 @@ def plot_rows(plan: Plan | ModelPlan) -> list[Row]:
         for node in order:
             if before.get(node, 0):
                 rows.append(Row(graph, node, before[node], after[node], largest.get(node, (0, "kept"))[1]))
-        fixed = p.baseline_bytes - sum(before.values())
+        # Plans made before freed small saves were marked RECOMPUTED count them twice: never below 0
+        fixed = max(0, p.baseline_bytes - sum(before.values()))
         if fixed:
             rows.append(Row(graph, "outputs", fixed, fixed, "kept"))
     return rows

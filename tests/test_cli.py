@@ -17,14 +17,14 @@ def test_plan_prints_the_table_and_measured_bytes_under_the_budget(tmp_path):
     table, and the heap's kept bytes after a training forward, which must be within the budget."""
     out = tmp_path / "plan.json"
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
-    run = subprocess.run([sys.executable, "-m", "actcompile.cli", "plan", "torchvision.models:resnet18",
-                          "--arg", "num_classes=10", "--input", "4x3x32x32", "--budget", "0.25", "--json", str(out),
+    run = subprocess.run([sys.executable, "-m", "actcompile.cli", "plan", "actcompile.zoo:InplaceCNN",
+                          "--input", "4x3x32x32", "--budget", "0.25", "--json", str(out),
                           "--plot", str(tmp_path / "plan.svg")],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr
     plan = ModelPlan.from_json(out.read_text())
     assert plan.planned_bytes <= plan.budget_bytes < plan.baseline_bytes
-    assert "planned" in run.stdout and "int8" in run.stdout   # the table
+    assert "before → after" in run.stdout and all(a.codec in run.stdout for a in plan.assignments)   # the table
     assert "budget" in (tmp_path / "plan.svg").read_text()
     found = re.search(r"the heap keeps .*\((\d+) B\) after .* budget .*\((\d+) B\)", run.stdout)
     assert found, run.stdout
@@ -40,8 +40,12 @@ def test_plan_prints_the_table_and_measured_bytes_under_the_budget(tmp_path):
     (["plan", "torchvision.models:resnet18", "--input", "2x0x4", "--budget", "0.5"], "not a shape"),
     (["plan", "torchvision.models:resnet18", "--input", "2x3x32x32", "--budget", "1.5"], "fraction of the baseline"),
     (["plan", "torchvision.models:resnet18", "--input", "2x3x32x32", "--budget", "lots"], "not a size"),
-    (["plan", "torchvision.models:resnet18", "--input", "2x3x32x32", "--budget", "0.5", "--codecs", "zip"],
+    (["plan", "torchvision.models:resnet18", "--input", "2x3x32x32", "--budget", "0.5", "--codecs", "int8,zip"],
      "unknown ['zip']"),
+    (["plan", "torchvision.models:resnet18", "--input", "2x3x32x32", "--budget", "0.5", "--plot", "plan.xyz"],
+     "end it with one of"),
+    (["plan", "torch.nn:Linear", "--arg", "in_features=4", "--arg", "out_features=4", "--input", "2x4",
+      "--budget", "1.0", "--json", "/no/such/dir/plan.json"], "No such file or directory"),
     (["plan", "torchvision.models:resnet18", "--input", "2x3x32x32", "--budget", "0.5", "--dtype", "int8"],
      "floating dtype"),
     (["plan", "torchvision.models:resnet18", "--arg", "depth", "--input", "2x3x32x32", "--budget", "0.5"],
@@ -72,9 +76,10 @@ def test_shapes_parse():
 
 def test_plan_json_of_the_compiled_back_end_lists_one_plan_per_graph(tmp_path, capsys):
     out = tmp_path / "plans.json"
-    assert main(["plan", "actcompile.zoo:MNISTNet", "--input", "8x1x28x28", "--budget", "0.5", "--compile",
-                 "--json", str(out), "--plot", str(tmp_path / "plan.png")]) == 0
+    assert main(["plan", "torch.nn:Linear", "--arg", "in_features=64", "--arg", "out_features=64", "--input",
+                 "8x64", "--budget", "1.0", "--compile", "--json", str(out), "--plot", str(tmp_path / "plan.png")]) == 0
     plans = json.loads(out.read_text())
-    assert plans and all(p["budget_bytes"] > 0 for p in plans)
+    assert len(plans) == 1 and plans[0]["regions"] == []   # a Linear saves only its input: nothing to pack
+    assert [s["detail"] for s in plans[0]["skipped"]] == ["input"]
     assert "graph 0:" in capsys.readouterr().out
     assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
