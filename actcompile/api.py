@@ -66,6 +66,7 @@ from actcompile.passes.rules import codec_choices, split_candidates
 from actcompile.passes.sensitivity import gradient_shares
 from actcompile.measure import heap_in_use, heap_measurable
 from actcompile.plan import RECOMPUTE, ModelPlan, Plan, Section, format_bytes
+from actcompile.progress import Progress
 from actcompile.runtime import RuntimeStats, inside_checkpoint, preserved_state, sharing_packed
 
 _OPTION_NAMES = {f.name for f in dataclasses.fields(CompileConfig)} - {"budget", "codecs"}
@@ -271,12 +272,20 @@ class ActCompiledModule(nn.Module):
         adopting = known is not None and key not in self._stale
         early: dict[GraphRunner, Calibrator] = {}
 
+        progress = Progress() if self.compile_config.progress else None
+
         def calibrate_in_capture(graph: CapturedGraph):   # one real forward both captures and calibrates
             if adopting or graph.runner in self._graphs or graph.runner in early:
                 return None
-            early[graph.runner] = _early_calibrator(graph, self.compile_config, self._drifted_keys(graph.name))
-            return early[graph.runner]
+            calibrator = _early_calibrator(graph, self.compile_config, self._drifted_keys(graph.name))
+            if progress is not None and calibrator.choices:
+                progress.phase(f"graph {graph.name}: calibrating {len(calibrator.choices)} saved tensors")
+                calibrator.on_measured = progress.step
+            early[graph.runner] = calibrator
+            return calibrator
 
+        if progress is not None:
+            progress.phase("capturing the forward with Dynamo")
         graphs = capture_graphs(self._original, Inputs(args, kwargs), forward=self._dynamo(),
                                 on_graph=calibrate_in_capture)
         if adopting and self._adopt(known, graphs):
@@ -293,6 +302,8 @@ class ActCompiledModule(nn.Module):
                 measured = [_calibrated(g, self.compile_config, self._drifted_keys(g.name), early.get(g.runner))
                             for g in new]
             config, peak = self.compile_config, {}
+            if progress is not None:
+                progress.phase(f"choosing codecs for {len(new)} graph(s) under the budget")
             arguments = ([p for p, _, _ in measured], config, [c for _, c, _ in measured])
             if config.budget_scope == "peak":
                 plans, limit, predicted = choose_plans_for_peak(
@@ -312,6 +323,9 @@ class ActCompiledModule(nn.Module):
                 budget_bytes = fixed + sum(p.budget_bytes * r for p, r in zip(plans, repeats))
             plan = ModelPlan(max(budget_bytes, 1), tuple(Section(g.name, self._graphs[g.runner].plan) for g in graphs),
                              planning_seconds=time.perf_counter() - started, **peak)
+            if progress is not None:
+                progress.done(f"planned in {plan.planning_seconds:.1f} s: {format_bytes(plan.planned_bytes)} of "
+                              f"{format_bytes(plan.baseline_bytes)}, budget {format_bytes(plan.budget_bytes)}")
         self.__dict__["_ratio"] = plan.budget_bytes / max(plan.baseline_bytes, 1)
         self._plans[key] = plan
         self._since_plan[key] = 0

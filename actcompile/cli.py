@@ -3,7 +3,7 @@
 ::
 
     actcompile plan torchvision.models:resnet50 --input 32x3x224x224 --budget 0.25
-    actcompile plan transformers:... --input 2x128 --int-input 50257 --budget 1GB --json plan.json
+    actcompile plan mypackage.models:make_lm --input 2x128 --int-input 50257 --budget 1GB --json plan.json
     actcompile plan torchvision.models:resnet18 --input 8x3x64x64 --budget 0.25 --compile --plot plan.png
     actcompile demo --budget 0.25 --epochs 3
 
@@ -124,7 +124,7 @@ def _plan_eager(model, inputs, budget, codecs, json_path, plot_path):
     from actcompile.measure import heap_measurable, kept_by_forward
     from actcompile.plan import format_bytes
 
-    compiled = actcompile(model, budget=budget, example_inputs=inputs, codecs=codecs)
+    compiled = actcompile(model, budget=budget, example_inputs=inputs, codecs=codecs, progress=True)
     plan = compiled.plan
     print(plan)
     if json_path:
@@ -147,10 +147,20 @@ def _plan_compiled(model, inputs, budget, codecs, json_path, plot_path):
     import actcompile
     from actcompile.measure import forward_backward
 
+    from actcompile.measure import heap_measurable, kept_by_forward
+    from actcompile.plan import format_bytes
+
     be = actcompile.backend(budget=budget, codecs=codecs)
-    forward_backward(torch.compile(model, backend=be), inputs)
+    compiled = torch.compile(model, backend=be)
+    forward_backward(compiled, inputs)   # compiles and plans every graph of a training step
     for i, plan in enumerate(be.plans):
         print(f"graph {i}:\n{plan}")
+    if heap_measurable():
+        kept = kept_by_forward(compiled, inputs)
+        budget_bytes = sum(p.budget_bytes for p in be.plans)
+        print(f"measured: the heap keeps {format_bytes(kept)} ({kept} B) after one training forward (outputs "
+              f"included: the compiled back end's plans do not count outputs yet); the plans' budgets add up to "
+              f"{format_bytes(budget_bytes)} ({budget_bytes} B)")
     if json_path:
         with open(json_path, "w") as f:
             json.dump([json.loads(p.to_json()) for p in be.plans], f)
@@ -209,6 +219,9 @@ def main(argv=None) -> int:
             unknown = [c for c in codecs if c not in available_codecs()]
             if unknown:
                 raise UsageError(f"--codecs: unknown {unknown}; available: {', '.join(available_codecs())}, or all")
+        for option, path in (("--json", ns.json), ("--plot", ns.plot)):   # fail before planning, not after
+            if path and not Path(path).resolve().parent.is_dir():
+                raise UsageError(f"{option} {path!r}: no such directory {str(Path(path).resolve().parent)!r}")
         if ns.plot:   # checked before the planning it would come after
             try:
                 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -220,6 +233,8 @@ def main(argv=None) -> int:
                 raise UsageError(f"--plot {ns.plot!r}: end it with one of {', '.join('.' + f for f in sorted(formats))}")
         (_plan_compiled if ns.compile else _plan_eager)(model, inputs, budget, codecs, ns.json, ns.plot)
     except (UsageError, ActCompileError, OSError) as err:   # OSError: a --json/--plot path not writable
+        if sys.stderr.isatty():   # a progress line may be open on the terminal: start clean
+            sys.stderr.write("\r\x1b[2K")
         print(f"actcompile: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return 2
     return 0

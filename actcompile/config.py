@@ -180,6 +180,7 @@ class CompileConfig:
     bytes_per_second: float = 1e10
     budget_scope: str = "activations"
     optimizer_state_bytes: int = 0
+    progress: bool = False   # show what planning does on stderr (actcompile/progress.py)
 
     def __post_init__(self):
         if not isinstance(self.budget, Budget):

@@ -103,9 +103,10 @@ class Calibrator:
     """
 
     def __init__(self, choices: dict[Key, list], expected: dict[Key, tuple] | None = None,
-                 whole: frozenset = frozenset()):
+                 whole: frozenset = frozenset(), on_measured=None):
         self.choices, self.expected, self.whole = choices, expected, whole
         self.results: dict[Key, list] = {}
+        self.on_measured = on_measured   # called with (keys measured, keys to measure) after each
 
     def __call__(self, node, ordinal, t, kind) -> None:
         key = (node, ordinal)
@@ -126,6 +127,8 @@ class Calibrator:
             else:
                 sample = representative_sample(x)
                 self.results[key] = [(codec, *measure(codec, x, sample)) for codec in codecs]
+        if self.on_measured is not None:
+            self.on_measured(len(self.results), len(self.choices))
 
 
 def calibrate(graph: CapturedGraph, choices: dict[Key, list],

@@ -26,6 +26,8 @@ def test_plan_prints_the_table_and_measured_bytes_under_the_budget(tmp_path):
     assert plan.planned_bytes <= plan.budget_bytes < plan.baseline_bytes
     assert "before → after" in run.stdout and all(a.codec in run.stdout for a in plan.assignments)   # the table
     assert "budget" in (tmp_path / "plan.svg").read_text()
+    assert "calibrating" in run.stderr, run.stderr   # the progress lines
+    assert "actcompile: planned in" in run.stderr, run.stderr
     found = re.search(r"the heap keeps .*\((\d+) B\) after .* budget .*\((\d+) B\)", run.stdout)
     assert found, run.stdout
     kept, budget = int(found[1]), int(found[2])
@@ -45,7 +47,7 @@ def test_plan_prints_the_table_and_measured_bytes_under_the_budget(tmp_path):
     (["plan", "torchvision.models:resnet18", "--input", "2x3x32x32", "--budget", "0.5", "--plot", "plan.xyz"],
      "end it with one of"),
     (["plan", "torch.nn:Linear", "--arg", "in_features=4", "--arg", "out_features=4", "--input", "2x4",
-      "--budget", "1.0", "--json", "/no/such/dir/plan.json"], "No such file or directory"),
+      "--budget", "1.0", "--json", "/no/such/dir/plan.json"], "no such directory"),
     (["plan", "torchvision.models:resnet18", "--input", "2x3x32x32", "--budget", "0.5", "--dtype", "int8"],
      "floating dtype"),
     (["plan", "torchvision.models:resnet18", "--arg", "depth", "--input", "2x3x32x32", "--budget", "0.5"],
@@ -58,8 +60,9 @@ def test_plan_prints_the_table_and_measured_bytes_under_the_budget(tmp_path):
 def test_bad_model_specs_shapes_and_budgets_are_one_line_and_exit_2(capsys, argv, says):
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("actcompile: error: ") and says in err, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    lines = err.strip().splitlines()   # progress lines may come first, if planning began
+    assert lines[-1].startswith("actcompile: error: ") and says in lines[-1], err
+    assert sum(line.startswith("actcompile: error") for line in lines) == 1 and "Traceback" not in err
 
 
 def test_argparse_errors_also_exit_2(capsys):
@@ -83,3 +86,23 @@ def test_plan_json_of_the_compiled_back_end_lists_one_plan_per_graph(tmp_path, c
     assert [s["detail"] for s in plans[0]["skipped"]] == ["input"]
     assert "graph 0:" in capsys.readouterr().out
     assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_progress_draws_a_bar_on_a_terminal_and_phases_elsewhere():
+    import io
+
+    from actcompile.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen, log = Terminal(), io.StringIO()
+    for stream in (screen, log):
+        p = Progress(stream)
+        p.phase("graph 0/0: calibrating 2 saved tensors")
+        p.step(1, 2)
+        p.done("planned in 0.1 s")
+    assert "[" + "#" * 12 + "." * 12 + "] 1/2" in screen.getvalue() and screen.getvalue().endswith("planned in 0.1 s\n")
+    assert log.getvalue().splitlines() == ["actcompile: graph 0/0: calibrating 2 saved tensors",
+                                           "actcompile: planned in 0.1 s"]
