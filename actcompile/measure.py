@@ -187,10 +187,12 @@ class MeasureError(RuntimeError):
         self.stderr = stderr
 
 
-def run_isolated(name: str, budget, timeout: float = 600, *, timed: bool = True) -> dict:
+def run_isolated(name: str, budget, timeout: float = 600, *, timed: bool = True, threads: int | None = None) -> dict:
     """:func:`measure_model` in a fresh process with ``MALLOC_ARENA_MAX=1`` (see the module doc);
-    ``timed=False`` skips the step timing (``step_time_ratio`` is then NaN)."""
-    env = dict(os.environ, MALLOC_ARENA_MAX="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    ``timed=False`` skips the step timing (``step_time_ratio`` is then NaN); ``threads``: its
+    intra-op threads (default ``OMP_NUM_THREADS`` or 2; 1 when several run side by side)."""
+    threads = threads or int(os.environ.get("OMP_NUM_THREADS", "2"))
+    env = dict(os.environ, MALLOC_ARENA_MAX="1", OMP_NUM_THREADS=str(threads))
     extra = [] if timed else ["--steps-for-time", "0"]
     proc = subprocess.run([sys.executable, "-m", "actcompile.measure", name, "--budget", str(budget), *extra],
                           capture_output=True, text=True, env=env, timeout=timeout)
