@@ -248,6 +248,7 @@ class ActCompiledModule(nn.Module):
         self.__dict__["drifts"] = []       # every Drift found, oldest first
         self.__dict__["_nodes"] = {}       # signature -> autograd nodes its forward leaves (planned here)
         self.__dict__["_over_budget"] = {}  # signature -> heap growth of its last check, if over the budget
+        self.__dict__["_reserve_due"] = {}  # signature -> (reserve per node, why): re-planned at its next forward
         self.__dict__["forward"] = _signed_forward(self)
         self.__dict__["_since_plan"] = {}   # signature -> forwards run since it was last planned
 
@@ -473,6 +474,8 @@ class ActCompiledModule(nn.Module):
             # Nothing to keep (eval, no_grad), or an outer checkpoint that keeps nothing inside.
             return self._original(*args, **kwargs)
         key = _signature(args, kwargs, self._original)
+        if key in self._reserve_due:
+            self._apply_reserve(key, args, kwargs)
         if key not in self._ready:
             self._plan_forward(key, args, kwargs)
         self.__dict__["_forwards"] += 1
@@ -503,7 +506,7 @@ class ActCompiledModule(nn.Module):
         if len(self.drifts) > found_before:
             self._replan_after(key, self.drifts[found_before:])
         elif heap_before is not None and self._ran:
-            self._check_heap(key, heap_in_use() - heap_before, args, kwargs)
+            self._check_heap(key, heap_in_use() - heap_before)
         return out
 
     def _heap_before(self, key) -> int | None:
@@ -520,15 +523,17 @@ class ActCompiledModule(nn.Module):
             return None
         return heap_in_use()
 
-    def _check_heap(self, key, grown: int, args, kwargs) -> None:
+    def _check_heap(self, key, grown: int) -> None:
         """Hold the measured heap growth of a forward (its outputs still held) to the plan's budget.
 
         The reserve kept for autograd's records (``reserve_bytes_per_node``) is a prior: nodes
         that save many small views hold more (a split/cat-heavy forward: 1,257 B per node,
         measured). If two drift-check forwards in a row grew the heap past the budget, the
         reserve per node becomes what the larger growth held beyond the planned storages, per
-        autograd node (less the per-packed reserve), +3%, and the forward is planned again at once. If no plan fits with that reserve, the
-        previous plan is kept, with a warning that the budget is not met.
+        autograd node (less the per-packed reserve), +3%, and the next forward is planned again
+        with it (:meth:`_apply_reserve`) — not this one: its backward is still to run on what it
+        saved, and planning runs the model (BatchNorm's running statistics, saved for that
+        backward, are written and restored), at the cost of a second forward's memory.
         """
         budget = self._plans[key].budget_bytes
         previous = self._over_budget.pop(key, None)
@@ -547,9 +552,16 @@ class ActCompiledModule(nn.Module):
         beyond = grown - plan.planned_bytes - old.reserve_bytes_per_packed * packed
         overhead = -(-beyond * 103 // (100 * nodes))
         reserve = max(old.reserve_bytes_per_node + 16, overhead)
-        self.__dict__["compile_config"] = dataclasses.replace(old, reserve_bytes_per_node=reserve)
         measured = (f"this forward kept {format_bytes(grown)} on the heap, over its budget of {format_bytes(budget)}: "
                     f"autograd's records take more than the {old.reserve_bytes_per_node} B per node reserved")
+        self._reserve_due[key] = (reserve, measured)
+
+    def _apply_reserve(self, key, args, kwargs) -> None:
+        """Plan signature ``key`` again with the reserve :meth:`_check_heap` measured; if no plan
+        fits with it, keep the previous plan and warn that the budget is not met."""
+        reserve, measured = self._reserve_due.pop(key)
+        old = self.compile_config
+        self.__dict__["compile_config"] = dataclasses.replace(old, reserve_bytes_per_node=reserve)
         try:
             self._plan_again(key, args, kwargs)
         except BudgetError as err:
@@ -557,10 +569,10 @@ class ActCompiledModule(nn.Module):
             self._plan_again(key, args, kwargs)
             warnings.warn(f"actcompile: {measured}, and no plan fits the budget with the "
                           f"{reserve} B per node measured ({err}); the previous plan is kept "
-                          "and the budget is not met", PlanDriftWarning, stacklevel=3)
+                          "and the budget is not met", PlanDriftWarning, stacklevel=4)
             return
         warnings.warn(f"actcompile: {measured}; re-planned with {self.compile_config.reserve_bytes_per_node} B per node",
-                      PlanDriftWarning, stacklevel=3)
+                      PlanDriftWarning, stacklevel=4)
 
     def _plan_again(self, key, args, kwargs) -> None:
         for runner in self._ran:
@@ -590,7 +602,7 @@ class ActCompiledModule(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         for derived in ("_forward", "_graphs", "_ratio", "_call", "_ran", "_stats", "_ready", "_stale", "_pinned",
-                        "_forwards", "drifts", "_nodes", "_over_budget", "_since_plan", "forward"):
+                        "_forwards", "drifts", "_nodes", "_over_budget", "_reserve_due", "_since_plan", "forward"):
             state.pop(derived, None)   # rebuilt: the kept plans are adopted on the next call
         return state
 

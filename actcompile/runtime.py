@@ -395,6 +395,9 @@ def preserved_state(module: torch.nn.Module | None = None, tensors=()):
         try:
             yield
         finally:
+            # through .data: the values are back as they were, so a backward still to run that
+            # saved these buffers (BatchNorm saves its running statistics) must not see a
+            # version bump and refuse to run, as it would after a user's in-place write
             with torch.no_grad():
                 for live, saved in buffers:
-                    live.copy_(saved)
+                    live.data.copy_(saved)
