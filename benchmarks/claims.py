@@ -35,7 +35,6 @@ import argparse
 import copy
 import datetime
 import math
-import os
 import platform
 import sys
 import time
@@ -45,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from finetune import compress_saves_in_  # noqa: E402  (one implementation of the research methods)
+from finetune import compress_saves_in_, measured_heap_process  # noqa: E402  (one implementation each)
 
 CONV_BN_RELU = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Conv3d, nn.BatchNorm3d)
 LAMBDA_100 = {
@@ -207,10 +206,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(METHODS))
     ns = parser.parse_args(argv)
-    wanted = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}   # see actcompile/measure.py
-    if any(os.environ.get(k) != v for k, v in wanted.items()):
-        os.environ.update(wanted)
-        os.execv(sys.executable, [sys.executable, __file__, *(argv or sys.argv[1:])])
+    measured_heap_process(__file__, argv)
     torch.set_num_threads(2)
     print(f"Date: {datetime.date.today()}  \nCommand: `python benchmarks/claims.py {' '.join(argv or sys.argv[1:])}`  \n"
           f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU\n")

@@ -380,6 +380,15 @@ def plot(rows, path: pathlib.Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def measured_heap_process(script: str, argv) -> None:
+    """Re-run ``script`` with glibc's heap counters made exact (one arena; every tensor above
+    64 KiB its own mapping, see actcompile/measure.py), unless this process already has them."""
+    wanted = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    if any(os.environ.get(k) != v for k, v in wanted.items()):
+        os.environ.update(wanted)
+        os.execv(sys.executable, [sys.executable, script, *(argv or sys.argv[1:])])
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=("digits", "text", "overfit"))
@@ -391,10 +400,7 @@ def main(argv=None) -> None:
     parser.add_argument("--plot", default=str(RESULTS / "finetune.png"))
     ns = parser.parse_args(argv)
     only = lambda ways: tuple(w for w in ways if ns.ways is None or w in ns.ways)  # noqa: E731
-    wanted = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}   # see actcompile/measure.py
-    if any(os.environ.get(k) != v for k, v in wanted.items()):
-        os.environ.update(wanted)
-        os.execv(sys.executable, [sys.executable, __file__, *(argv or sys.argv[1:])])
+    measured_heap_process(__file__, argv)
     torch.set_num_threads(2)
     print(f"Date: {datetime.date.today()}  \nCommand: `python benchmarks/finetune.py {' '.join(argv or sys.argv[1:])}`  \n"
           f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU  \n"
