@@ -200,6 +200,23 @@ class Drift:
                 f"planned {self.planned_error:.3g}")
 
 
+def find_drifts(plan: Plan, measured: dict, tolerance: float, forward: int, graph: str) -> list[Drift]:
+    """The assignments of ``plan`` whose ``measured`` error (by ``(node, ordinal)``) left
+    ``tolerance`` × the planned one (+ :data:`~actcompile.config.DRIFT_SLACK`); both back ends.
+
+    A codec exact by its use (a ReLU's mask) is right whatever the values: not checked.
+    """
+    found = []
+    for a in plan.assignments:
+        got = measured.get((a.node, a.ordinal))
+        # exact by use: the flag, or (plans written before it) the mask variant exact_for makes
+        if got is None or a.exact_by_use or dict(a.options).get("predicate_only"):
+            continue
+        if not got <= tolerance * a.error + DRIFT_SLACK:   # NaN drifts too
+            found.append(Drift(forward, graph, a.node, a.ordinal, a.codec, a.error, got))
+    return found
+
+
 @dataclasses.dataclass
 class _GraphState:
     """One captured graph as this module runs it: its plan and the rewritten graph."""
@@ -428,20 +445,7 @@ class ActCompiledModule(nn.Module):
         return bool(every) and (n % every == 0 or (n < every and n & (n - 1) == 0))
 
     def _drifted(self, graph: str, plan: Plan, measured: dict) -> list[Drift]:
-        """The assignments of ``plan`` whose measured error left ``drift_tolerance`` × the planned one.
-
-        A codec exact by its use (a ReLU's mask) is right whatever the values: not checked.
-        """
-        tolerance = self.compile_config.drift_tolerance
-        found = []
-        for a in plan.assignments:
-            got = measured.get((a.node, a.ordinal))
-            # exact by use: the flag, or (plans written before it) the mask variant exact_for makes
-            if got is None or a.exact_by_use or dict(a.options).get("predicate_only"):
-                continue
-            if not got <= tolerance * a.error + DRIFT_SLACK:   # NaN drifts too
-                found.append(Drift(self._forwards, graph, a.node, a.ordinal, a.codec, a.error, got))
-        return found
+        return find_drifts(plan, measured, self.compile_config.drift_tolerance, self._forwards, graph)
 
     def _drifted_keys(self, graph: str) -> frozenset:
         """``(node, ordinal)`` of the tensors of ``graph`` that ever drifted: calibrated on the

@@ -17,7 +17,8 @@ unpacked at first use in the backward (see :mod:`actcompile.passes.inductor`); s
 inputs cross as flat views of themselves (:mod:`actcompile.passes.saved_inputs`), so the forward
 holds the plan's bytes and nothing more (plain Inductor holds channels-last copies of the conv
 weights it saves: 46 MB on ResNet-18 at batch 32). The budget is a
-fraction of the bytes Inductor would save, or bytes. Options are the same as
+fraction of the bytes Inductor would save plus what the forward returns (the caller holds its
+outputs: counted, never packed, as in the eager back end), or bytes. Options are the same as
 :func:`actcompile.actcompile`'s and give the same errors.
 
 Graph breaks split a forward into several graphs, compiled one by one as the first forward
@@ -132,12 +133,13 @@ class SavedValuePartitioner(CustomPartitionerFn):
                  ledger: ForwardBudget, key: str):
         self.config, self.real_inputs, self.plans, self.packed = config, real_inputs, plans, packed
         self.ledger, self.key = ledger, key
+        self.check = None   # a SavedValueCheck once a training graph is partitioned with something packed
 
     def __call__(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any):
         from torch._functorch.partitioners import min_cut_rematerialization_partition
 
         from actcompile.passes.branch_masks import save_branch_masks_
-        from actcompile.passes.inductor import _fake_mode_of, compress_saved_, plan_saved
+        from actcompile.passes.inductor import SavedValueCheck, _fake_mode_of, compress_saved_, plan_saved
         from actcompile.passes.saved_inputs import save_inputs_flat_
         from actcompile.plan import RECOMPUTE
 
@@ -152,6 +154,8 @@ class SavedValuePartitioner(CustomPartitionerFn):
         if packed and save_branch_masks_(fwd, bwd, n, packed, _fake_mode_of(fwd)):
             plan, least = plan_saved(fwd, bwd, n, self.config, real, share)   # the saved values changed
         self.ledger.record(self.key, baseline=plan.baseline_bytes, planned=plan.planned_bytes, least=least)
+        if self.config.check_every and plan.assignments:
+            self.check = SavedValueCheck.of(fwd, n, plan)   # before the rewrite: the values as made
         self.packed.append(compress_saved_(fwd, bwd, n, plan, _fake_mode_of(fwd)))
         save_inputs_flat_(fwd, bwd, n)   # else Inductor holds channels-last copies of saved weights
         self.plans.append(plan)
@@ -167,8 +171,10 @@ class SavedValuePartitioner(CustomPartitionerFn):
 
 
 class ActCompileBackend:
-    """A ``torch.compile`` backend object; ``plans`` lists one :class:`Plan` per compiled graph,
-    ``packed`` where each graph's packing landed (:class:`~actcompile.passes.inductor.PackedValue`)."""
+    """A ``torch.compile`` backend object; ``plans`` lists one :class:`Plan` per compiled graph
+    (a recompile, or a drift check's re-plan, adds one), ``packed`` where each graph's packing
+    landed (:class:`~actcompile.passes.inductor.PackedValue`), ``drifts`` what the drift checks
+    found (:class:`CheckedGraph`)."""
 
     def __init__(self, budget=None, codecs=None, **options):
         from actcompile.api import make_config
@@ -184,45 +190,115 @@ class ActCompileBackend:
                              "use actcompile(model, budget_scope='peak'), the eager back end)")
         self.plans: list[Plan] = []
         self.packed: list[list] = []
+        self.drifts: list = []   # every Drift its graphs' checks found (actcompile.api.Drift), oldest first
         self.forward_budget = ForwardBudget(self.config.budget)
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs, **_):
-        from torch._inductor.compile_fx import compile_fx
-
         real = [x for x in example_inputs]
         if any(isinstance(x, torch._subclasses.fake_tensor.FakeTensor) for x in real):
             real = None
         compile_id = torch._guards.CompileContext.current_compile_id()
         key = str(compile_id.frame_id) if compile_id is not None else str(len(self.plans))
+        pristine = _copy_graph_module(gm) if self.config.check_every else None   # compile_fx may mutate gm
+        compiled, check = self._compile(gm, example_inputs, real, key)
+        if check is None and not self.forward_budget.overshoot_bytes:
+            return compiled
+        return CheckedGraph(self, pristine, key, compiled, check)
+
+    def _compile(self, gm: torch.fx.GraphModule, example_inputs, real, key: str):
+        """``gm`` compiled by Inductor with its saved values planned (graph ``key`` of the
+        forward's budget), and the drift check of its plan (``None``: nothing to check)."""
+        from torch._inductor.compile_fx import compile_fx
+
         partitioner = SavedValuePartitioner(self.config, real, self.plans, self.packed, self.forward_budget, key)
         # The plan depends on the real values, not only on the graph: no cached artifact may
         # stand in for it (Inductor's FX graph cache and AOTAutograd's cache both key on the graph).
         with torch._functorch.config.patch(enable_autograd_cache=False):
             compiled = compile_fx(gm, example_inputs, config_patches={
                 "custom_partitioner_fn": partitioner, "fx_graph_cache": False, "fx_graph_remote_cache": False})
-        if not self.forward_budget.overshoot_bytes:
-            return compiled
-        return _checked_in_backward(compiled, self.forward_budget)
+        return compiled, partitioner.check
 
 
-def _checked_in_backward(compiled, forward_budget: ForwardBudget):
-    """``compiled`` whose outputs check, when backward reaches them, that a later graph paid the
-    bytes this one's plan is over the budget (the forward has ended by then; nothing else is
-    charged for a graph that met its share)."""
+def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm`` with a graph of its own (its attributes, parameters included, shared)."""
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    copied = torch.fx.GraphModule(gm, graph)
+    copied.meta = dict(getattr(gm, "meta", {}))
+    return copied
+
+
+class CheckedGraph:
+    """One compiled graph as Dynamo calls it, keeping its plan true and its budget whole.
+
+    *Drift checks*, at the eager back end's schedule (training forwards 1, 2, 4, … below
+    ``check_every``, then every ``check_every``-th): the graph's forward runs once more, eagerly
+    and without grad, on the same inputs, and each packed value's codec error is measured as the
+    value is made (:class:`~actcompile.passes.inductor.SavedValueCheck`; each value freed after
+    its last use, so a check holds little more than an inference forward). One that left
+    ``drift_tolerance`` × its planned error warns (:class:`~actcompile.errors.PlanDriftWarning`),
+    is recorded in the backend's ``drifts``, and the graph is compiled again at once, planned
+    on the values of the forward that found it; the next forward runs the new plan (the one
+    that found it ran the old). *The budget*: if the graphs compiled so far are planned over it,
+    backward checks that a later graph paid (:meth:`ForwardBudget.check`).
+    """
+
+    def __init__(self, backend: "ActCompileBackend", pristine, key: str, compiled, check):
+        functools.update_wrapper(self, compiled)   # what Dynamo reads off a compiled function
+        self.backend, self.pristine, self.key = backend, pristine, key
+        self.compiled, self.check = compiled, check
+        self.forwards = 0   # training forwards run (the checks' schedule counts them)
+
+    def __call__(self, *args):
+        training = self.check is not None and torch.is_grad_enabled()
+        inputs = None
+        if training:
+            self.forwards += 1
+            if self._checking():   # (called with positional inputs, whatever ``_boxed_call`` says: see
+                inputs = list(args)    # aot_module_simplified's ``forward``, whose attributes we copy)
+        outputs = self.compiled(*args)
+        ledger = self.backend.forward_budget
+        if ledger.overshoot_bytes:
+            first = next((o for o in outputs if isinstance(o, torch.Tensor) and o.requires_grad), None)
+            if first is not None:
+                first.register_hook(_paid_check(ledger))
+        if inputs is not None:
+            self._check_drift(inputs)
+        return outputs
+
+    def _checking(self) -> bool:
+        every, n = self.backend.config.check_every, self.forwards
+        return bool(every) and (n % every == 0 or (n < every and n & (n - 1) == 0))
+
+    def _check_drift(self, inputs: list) -> None:
+        import warnings
+
+        from actcompile.api import find_drifts
+        from actcompile.errors import PlanDriftWarning
+
+        measured = self.check.measure(inputs)
+        drifts = find_drifts(self.check.plan, measured, self.backend.config.drift_tolerance, self.forwards,
+                             f"graph {self.key}")
+        if not drifts:
+            return
+        self.backend.drifts.extend(drifts)
+        shown = "; ".join(map(str, drifts[:5])) + (f"; … (+{len(drifts) - 5})" if len(drifts) > 5 else "")
+        warnings.warn(f"actcompile: {len(drifts)} packed value(s) of a compiled graph no longer match their plan "
+                      f"({shown}); compiling it again with a plan calibrated on this forward's values",
+                      PlanDriftWarning, stacklevel=3)
+        real = [x.detach() if isinstance(x, torch.Tensor) else x for x in inputs]
+        self.compiled, self.check = self.backend._compile(_copy_graph_module(self.pristine), inputs, real, self.key)
+
+
+def _paid_check(forward_budget: ForwardBudget):
+    """A hook on a forward output: when backward reaches it (the forward has ended), check that
+    a later graph paid the bytes a graph's plan is over the budget."""
 
     def check(grad):
         forward_budget.check()
         return grad
 
-    @functools.wraps(compiled)   # keeps its calling convention (``_boxed_call``) for Dynamo
-    def run(*args):
-        outputs = compiled(*args)
-        first = next((o for o in outputs if isinstance(o, torch.Tensor) and o.requires_grad), None)
-        if first is not None and forward_budget.overshoot_bytes:
-            first.register_hook(check)
-        return outputs
-
-    return run
+    return check
 
 
 def backend(budget=None, codecs=None, **options) -> ActCompileBackend:
@@ -277,5 +353,5 @@ def _registered_for(options: dict | None) -> ActCompileBackend:
     options = dict(options or {})
     if "budget" not in options and "tolerance" not in options:
         raise TypeError("torch.compile(backend='actcompile') needs options={'budget': ...}: a size such as "
-                        "'2GB', an int of bytes, or a float in (0, 1] of the bytes Inductor would save")
+                        "'2GB', an int of bytes, or a float in (0, 1] of the bytes Inductor would save plus the outputs")
     return ActCompileBackend(options.pop("budget", None), options.pop("codecs", None), **options)

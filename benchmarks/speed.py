@@ -182,12 +182,17 @@ def measure_memory(trained, params, inputs, loss) -> dict:
 
 
 def warmup_steps(way: str, trained, what: str) -> int:
-    """Steps before measuring: two (compile, plan, warm up); for timing the eager back end, past
-    its early drift checks (forwards 1, 2, 4, …, below ``check_every``; then one every
-    ``check_every``-th), so the timed steps are the steady state a training run spends its time in
-    (run 9 timed two checked steps of seven; a checked step's own cost is measured separately)."""
-    every = getattr(getattr(trained, "compile_config", None), "check_every", 0)
-    if what != "time" or way != "actcompile" or every <= 2:
+    """Steps before measuring: two (compile, plan, warm up); for timing either back end of
+    actcompile, past its early drift checks (forwards 1, 2, 4, …, below ``check_every``; then one
+    every ``check_every``-th), so the timed steps are the steady state a training run spends its
+    time in (run 9 timed two checked steps of seven; a checked step's own cost is measured
+    separately). ``backend="actcompile"`` by name runs with the default ``check_every``."""
+    from actcompile.config import CompileConfig
+
+    if what != "time" or way not in ("actcompile", "compile+actcompile"):
+        return 2
+    every = getattr(getattr(trained, "compile_config", None), "check_every", CompileConfig.check_every)
+    if every <= 2:
         return 2
     return max(2, 1 << ((every - 1).bit_length() - 1))   # the last early check (32 for every=50)
 

@@ -94,33 +94,62 @@ def _uses(placeholder: torch.fx.Node) -> tuple[Use, ...]:
     return tuple(uses)
 
 
+def _base(node: torch.fx.Node) -> torch.fx.Node:
+    """The node whose storage ``node`` views (``node`` itself when it is no view)."""
+    while node.op == "call_function" and getattr(node.target, "is_view", False):
+        node = node.args[0]
+    return node
+
+
 def _views_an_input(node: torch.fx.Node) -> bool:
     """Is ``node`` a forward input, or a view of one (``permute(weight)``, which ``mm``'s backward
     saves)? Such a value is a parameter, a buffer or the caller's tensor: held anyway, never lossy."""
-    while node.op == "call_function" and getattr(node.target, "is_view", False):
-        node = node.args[0]
-    return node.op == "placeholder"
+    return _base(node).op == "placeholder"
+
+
+def _user_outputs(fwd: torch.fx.GraphModule, num_fwd_outputs: int) -> dict[torch.fx.Node, int]:
+    """The storages the forward returns to the caller (by the node that makes each), with their
+    bytes: views of forward inputs excluded (the caller's or the module's own tensors)."""
+    roots = {}
+    for out in fwd.graph.output_node().args[0][:num_fwd_outputs]:
+        if isinstance(out, torch.fx.Node) and isinstance(out.meta.get("val"), torch.Tensor):
+            root = _base(out)
+            val = root.meta.get("val")
+            if root.op != "placeholder" and isinstance(val, torch.Tensor):
+                roots[root] = val.untyped_storage().nbytes() if not val.is_sparse else 0
+    return roots
 
 
 def profile_saved(fwd: torch.fx.GraphModule, bwd: torch.fx.GraphModule, num_fwd_outputs: int) -> MemoryProfile:
     """A :class:`MemoryProfile` of the values the forward saves: one tensor each, read by its backward users.
 
     A saved value that is (a view of) a forward input (a parameter, a buffer, the caller's input)
-    is kept: it is held anyway. Two saved views of one activation count twice here (safe for
-    the budget, pessimistic for the plan).
+    is kept: it is held anyway. One that is (a view of) what the forward returns is an output:
+    the caller holds it, so packing it would free nothing; returned storages no backward reads
+    are the profile's ``output_bytes``. As in the eager back end, both count in the baseline and
+    are never packed (DESIGN.md: activation bytes). Two saved views of one activation count
+    twice here (safe for the budget, pessimistic for the plan).
     """
     placeholders = {n.name: n for n in bwd.graph.find_nodes(op="placeholder")}
-    tensors = []
+    returned = _user_outputs(fwd, num_fwd_outputs)
+    tensors, saved_roots = [], set()
     for index, node in enumerate(saved_values(fwd, num_fwd_outputs)):
         val = node.meta["val"]
         in_backward = placeholders.get(node.name)
         uses = _uses(in_backward) if in_backward is not None else ()
-        kind = TensorKind.INPUT if _views_an_input(node) else TensorKind.ACTIVATION
+        if _views_an_input(node):
+            kind = TensorKind.INPUT
+        elif _base(node) in returned:
+            kind = TensorKind.OUTPUT
+            saved_roots.add(_base(node))
+        else:
+            kind = TensorKind.ACTIVATION
         tensors.append(SavedTensor(index=index, node=node.name, ordinal=0, shape=tuple(val.shape),
                                    dtype=str(val.dtype).removeprefix("torch."), nbytes=val.numel() * val.element_size(),
                                    kind=kind, uses=uses or (Use("?", ()),), packed_shape=tuple(val.shape)))
     order = tuple(n.name for n in fwd.graph.nodes)
-    return MemoryProfile(tensors=tuple(tensors), events=(), node_order=order, mode="fake")
+    output_bytes = sum(nbytes for root, nbytes in returned.items() if root not in saved_roots)
+    return MemoryProfile(tensors=tuple(tensors), events=(), node_order=order, mode="fake", output_bytes=output_bytes)
 
 
 def calibrate_saved(fwd: torch.fx.GraphModule, num_fwd_outputs: int, real_inputs: Sequence | None,
@@ -365,7 +394,7 @@ def compress_saved_(fwd: torch.fx.GraphModule, bwd: torch.fx.GraphModule, num_fw
         if a is None or in_backward is None or not in_backward.users:
             new_outputs.append(node)
             continue
-        codec = get_codec(a.codec, **dict(a.options), **({"epsilon": a.epsilon} if a.epsilon is not None else {}))
+        codec = codec_of(a)
         val = node.meta["val"]
         order = orders.get(node.name)
         pack_gm = _trace(lambda x: codec.pack(x if order is None else x.permute(order)), (val,), fake_mode)
@@ -405,6 +434,12 @@ def compress_saved_(fwd: torch.fx.GraphModule, bwd: torch.fx.GraphModule, num_fw
             for name, codec, payload, decoded in report]
 
 
+def codec_of(assignment):
+    """The codec object an assignment of a compiled graph's plan names (its options and ε)."""
+    a = assignment
+    return get_codec(a.codec, **dict(a.options), **({"epsilon": a.epsilon} if a.epsilon is not None else {}))
+
+
 def _in_logical_order(x: torch.Tensor, order: tuple[int, ...] | None) -> torch.Tensor:
     return x if order is None else x.permute(inverse_order(order))
 
@@ -422,3 +457,55 @@ def _fake_mode_of(fwd: torch.fx.GraphModule):
             return val.fake_mode
     raise RuntimeError("the forward graph carries no FakeTensor values")
 
+
+
+# -- drift checks ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class SavedValueCheck:
+    """What a drift check of one compiled graph needs: its plan, a copy of its forward from
+    before the rewrite that returns only the user's outputs (so each saved value is freed after
+    its last use in the forward, not held to the end), and the storage order of each value.
+    ``inputs`` is how many inputs the forward takes (Dynamo's graph inputs, parameters lifted)."""
+
+    plan: Plan
+    forward: torch.fx.GraphModule
+    orders: dict[str, tuple[int, ...]]
+    inputs: int
+
+    @classmethod
+    def of(cls, fwd: torch.fx.GraphModule, num_fwd_outputs: int, plan: Plan) -> "SavedValueCheck":
+        graph = torch.fx.Graph()
+        returned = graph.graph_copy(fwd.graph, {})   # every node but the output, meta shared
+        graph.output(tuple(returned[:num_fwd_outputs]))
+        return cls(plan, torch.fx.GraphModule(fwd, graph), storage_orders(fwd),
+                   len(fwd.graph.find_nodes(op="placeholder")))
+
+    def measure(self, inputs: Sequence) -> dict[tuple[str, int], float]:
+        """Each checked packed value's codec error, on this forward's real values (one eager
+        forward of the graph without grad, the global RNG left as it was). Masks exact by their
+        use are right whatever the values and are not measured; a value that is not finite
+        (an overflow is the forward's news, not the codec's) is skipped."""
+        checked = {a.node: codec_of(a) for a in self.plan.assignments
+                   if a.codec != RECOMPUTE and not a.exact_by_use and not dict(a.options).get("predicate_only")}
+        if not checked or len(inputs) != self.inputs:
+            return {}
+        run = _MeasuringRun(self.forward, checked, self.orders)
+        with torch.no_grad(), torch.random.fork_rng():
+            run.run(*inputs)
+        return run.errors
+
+
+class _MeasuringRun(torch.fx.Interpreter):
+    """Runs a forward graph, measuring the codec error of chosen values as they are made."""
+
+    def __init__(self, gm: torch.fx.GraphModule, codecs: dict, orders: dict):
+        super().__init__(gm, garbage_collect_values=True)
+        self.codecs, self.orders, self.errors = codecs, orders, {}
+
+    def run_node(self, n: torch.fx.Node):
+        value = super().run_node(n)
+        codec = self.codecs.get(n.name)
+        if codec is not None and isinstance(value, torch.Tensor) and bool(torch.isfinite(value).all()):
+            x = value.permute(self.orders[n.name]) if n.name in self.orders else value
+            self.errors[(n.name, 0)] = relative_error(x, codec.unpack(codec.pack(x)))
+        return value if n.users else None   # a value only the backward read: measured, then dropped
