@@ -180,10 +180,6 @@ class ActCompileBackend:
         from actcompile.api import make_config
 
         self.config = make_config(budget, codecs, **options)
-        if self.config.tolerance is not None:
-            raise ValueError("tolerance= is not supported by the Inductor back end yet: the gradient shares it plans "
-                             "with come from an eager probe backward; give budget= (or use actcompile(model, "
-                             "tolerance=...), the eager back end)")
         if self.config.budget_scope != "activations":
             raise ValueError(f"budget_scope={self.config.budget_scope!r} is not supported by the Inductor back end yet: "
                              "its peak model reads the eager graph's liveness; give budget_scope='activations' (or "
@@ -223,6 +219,8 @@ def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """``gm`` with a graph of its own (its attributes, parameters included, shared)."""
     graph = torch.fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
+    for node in graph.nodes:   # Dynamo's record of each input holds its example tensor: not ours to keep
+        node.meta = {k: v for k, v in node.meta.items() if k != "grapharg"}
     copied = torch.fx.GraphModule(gm, graph)
     copied.meta = dict(getattr(gm, "meta", {}))
     return copied
@@ -232,15 +230,19 @@ class CheckedGraph:
     """One compiled graph as Dynamo calls it, keeping its plan true and its budget whole.
 
     *Drift checks*, at the eager back end's schedule (training forwards 1, 2, 4, … below
-    ``check_every``, then every ``check_every``-th): the graph's forward runs once more, eagerly
-    and without grad, on the same inputs, and each packed value's codec error is measured as the
-    value is made (:class:`~actcompile.passes.inductor.SavedValueCheck`; each value freed after
-    its last use, so a check holds little more than an inference forward). One that left
+    ``check_every``, then every ``check_every``-th): before the compiled forward runs, the
+    graph's forward runs eagerly and without grad on the same inputs (its writes to them, a
+    BatchNorm's running statistics, left out), and each packed value's codec error is measured
+    as the value is made (:class:`~actcompile.passes.inductor.SavedValueCheck`; each value freed
+    after its last use, so a check holds about what an inference forward does). One that left
     ``drift_tolerance`` × its planned error warns (:class:`~actcompile.errors.PlanDriftWarning`),
-    is recorded in the backend's ``drifts``, and the graph is compiled again at once, planned
-    on the values of the forward that found it; the next forward runs the new plan (the one
-    that found it ran the old). *The budget*: if the graphs compiled so far are planned over it,
-    backward checks that a later graph paid (:meth:`ForwardBudget.check`).
+    is recorded in the backend's ``drifts``, and the graph is compiled again at once, planned on
+    these values: this forward already runs the new plan. A graph is re-planned at most
+    :data:`MAX_REPLANS` times (a code object run for several blocks, each unlike the one it was
+    planned on, would drift at every check), and not at all when its shapes are symbolic (a
+    recompile outside Dynamo would fix them): the warning says so. *The budget*: if the graphs
+    compiled so far are planned over it, backward checks that a later graph paid
+    (:meth:`ForwardBudget.check`).
     """
 
     def __init__(self, backend: "ActCompileBackend", pristine, key: str, compiled, check):
@@ -248,22 +250,21 @@ class CheckedGraph:
         self.backend, self.pristine, self.key = backend, pristine, key
         self.compiled, self.check = compiled, check
         self.forwards = 0   # training forwards run (the checks' schedule counts them)
+        self.replans = 0
 
     def __call__(self, *args):
-        training = self.check is not None and torch.is_grad_enabled()
-        inputs = None
-        if training:
+        # Dynamo calls it with positional inputs, whatever ``_boxed_call`` (copied from
+        # aot_module_simplified's ``forward``) says.
+        if self.check is not None and torch.is_grad_enabled():
             self.forwards += 1
-            if self._checking():   # (called with positional inputs, whatever ``_boxed_call`` says: see
-                inputs = list(args)    # aot_module_simplified's ``forward``, whose attributes we copy)
+            if self._checking():
+                self._check_drift(list(args))
         outputs = self.compiled(*args)
         ledger = self.backend.forward_budget
         if ledger.overshoot_bytes:
             first = next((o for o in outputs if isinstance(o, torch.Tensor) and o.requires_grad), None)
             if first is not None:
                 first.register_hook(_paid_check(ledger))
-        if inputs is not None:
-            self._check_drift(inputs)
         return outputs
 
     def _checking(self) -> bool:
@@ -276,18 +277,45 @@ class CheckedGraph:
         from actcompile.api import find_drifts
         from actcompile.errors import PlanDriftWarning
 
-        measured = self.check.measure(inputs)
+        try:
+            measured = self.check.measure(inputs)
+        except Exception as err:   # a check must never be what stops training
+            warnings.warn(f"actcompile: the drift check of compiled graph {self.key} failed and is turned off for it "
+                          f"({type(err).__name__}: {err})", PlanDriftWarning, stacklevel=3)
+            self.check = None
+            return
         drifts = find_drifts(self.check.plan, measured, self.backend.config.drift_tolerance, self.forwards,
                              f"graph {self.key}")
         if not drifts:
             return
         self.backend.drifts.extend(drifts)
         shown = "; ".join(map(str, drifts[:5])) + (f"; … (+{len(drifts) - 5})" if len(drifts) > 5 else "")
-        warnings.warn(f"actcompile: {len(drifts)} packed value(s) of a compiled graph no longer match their plan "
-                      f"({shown}); compiling it again with a plan calibrated on this forward's values",
+        found = f"actcompile: {len(drifts)} packed value(s) of compiled graph {self.key} no longer match their plan ({shown})"
+        if self.replans >= MAX_REPLANS or _symbolic(self.pristine):
+            why = (f"re-planned {self.replans} times already" if self.replans >= MAX_REPLANS
+                   else "its shapes are symbolic and a recompile here would fix them")
+            warnings.warn(f"{found}; the plan is kept ({why}): torch._dynamo.reset() and compile again to re-plan",
+                          PlanDriftWarning, stacklevel=3)
+            self.check = None
+            return
+        warnings.warn(f"{found}; compiling it again with a plan calibrated on this forward's values",
                       PlanDriftWarning, stacklevel=3)
+        self.replans += 1
         real = [x.detach() if isinstance(x, torch.Tensor) else x for x in inputs]
         self.compiled, self.check = self.backend._compile(_copy_graph_module(self.pristine), inputs, real, self.key)
+
+
+MAX_REPLANS = 3   # drift re-plans of one compiled graph (see CheckedGraph)
+
+
+def _symbolic(gm: torch.fx.GraphModule) -> bool:
+    """Does ``gm`` take a symbolic size (a SymInt input, or a tensor of symbolic shape)?"""
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(value, torch.SymInt) or (isinstance(value, torch.Tensor)
+                                               and any(isinstance(d, torch.SymInt) for d in value.shape)):
+            return True
+    return False
 
 
 def _paid_check(forward_budget: ForwardBudget):

@@ -152,6 +152,29 @@ def profile_saved(fwd: torch.fx.GraphModule, bwd: torch.fx.GraphModule, num_fwd_
     return MemoryProfile(tensors=tuple(tensors), events=(), node_order=order, mode="fake", output_bytes=output_bytes)
 
 
+def replayable_forward(fwd: torch.fx.GraphModule, num_outputs: int | None = None) -> torch.fx.GraphModule | None:
+    """A copy of ``fwd`` that can run again on the same inputs without touching them: the
+    writes AOTAutograd keeps in the graph (a BatchNorm's running statistics, ``copy_`` into an
+    input) are dropped, so calibrating, probing or checking a graph never updates them twice.
+    It returns the first ``num_outputs`` outputs (all if ``None``). ``None`` when the forward
+    cannot be replayed: it communicates (a collective would run on this rank alone) or reads the
+    result of a write."""
+    graph = torch.fx.Graph()
+    returned = graph.graph_copy(fwd.graph, {})   # every node but the output, meta shared
+    graph.output(tuple(returned if num_outputs is None else returned[:num_outputs]))
+    for node in reversed(list(graph.nodes)):
+        target = node.target
+        if node.op != "call_function":
+            continue
+        if "c10d" in str(getattr(target, "namespace", "")) or "c10d" in str(target):
+            return None
+        if isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable:
+            if node.users:
+                return None
+            graph.erase_node(node)
+    return torch.fx.GraphModule(fwd, graph)
+
+
 def calibrate_saved(fwd: torch.fx.GraphModule, num_fwd_outputs: int, real_inputs: Sequence | None,
                     choices: dict) -> dict:
     """Each candidate codec's measured error on the real saved values (forward run on ``real_inputs``),
@@ -166,9 +189,10 @@ def calibrate_saved(fwd: torch.fx.GraphModule, num_fwd_outputs: int, real_inputs
     results = {}
     orders = storage_orders(fwd)
     with unset_fake_temporarily(), torch.no_grad(), torch.random.fork_rng():   # partitioning runs under fake mode
-        if real_inputs is not None:
+        replay = replayable_forward(fwd) if real_inputs is not None else None
+        if replay is not None:
             try:
-                outputs = fwd(*real_inputs)
+                outputs = replay(*real_inputs)
                 names = [n.name if isinstance(n, torch.fx.Node) else None for n in fwd.graph.output_node().args[0]]
                 values = {name: v for name, v in zip(names, outputs) if name is not None}
             except Exception:   # e.g. inputs Dynamo passes differently: fall back to documented errors
@@ -204,6 +228,82 @@ def _nominal_error(codec) -> float:
     return _NOMINAL.get(codec.name, 0.0 if codec.name == "mask" else 1.0)
 
 
+def saved_gradient_shares(fwd: torch.fx.GraphModule, bwd: torch.fx.GraphModule, num_fwd_outputs: int,
+                          real_inputs: Sequence, seed: int = 0) -> dict[tuple[str, int], float]:
+    """``{(saved value, 0): share}``: how much of the parameter gradient each saved value's error
+    can reach (:mod:`actcompile.passes.sensitivity`'s measure, for a compiled graph).
+
+    The backward graph says which gradients a saved value feeds: those of the backward's
+    outputs its dataflow reaches (a matmul's saved input reaches its weight's gradient only; an
+    elementwise backward's, everything upstream). One probe runs the forward on the real inputs
+    and the backward on a random tangent for every differentiable output (the planner does not
+    know the loss; the global RNG is left as it was); a parameter is a forward input that is a
+    leaf requiring grad, and its gradient is the backward output at its position.
+
+    >>> import torch
+    >>> from functorch.compile import aot_function, make_boxed_func
+    >>> from torch._functorch.partitioners import default_partition
+    >>> _ = torch.manual_seed(0)
+    >>> w1, w2 = torch.randn(8, 8, requires_grad=True), torch.randn(8, 2, requires_grad=True)
+    >>> graphs = {}
+    >>> def partition(joint, inputs, **kw):
+    ...     graphs["fwd"], graphs["bwd"] = default_partition(joint, inputs, **kw)
+    ...     return graphs["fwd"], graphs["bwd"]
+    >>> f = aot_function(lambda w1, w2, x: (torch.tanh(x @ w1) @ w2).sum(), lambda g, _: make_boxed_func(g),
+    ...                  partition_fn=partition)
+    >>> x = torch.randn(4, 8)
+    >>> f(w1, w2, x).backward()
+    >>> shares = saved_gradient_shares(graphs["fwd"], graphs["bwd"], 1, [w1, w2, x])
+    >>> x_share, tanh_share = shares[("primals_3", 0)], shares[("tanh", 0)]
+    >>> round(x_share + tanh_share, 6)   # x reaches w1's gradient only; tanh's output w2's only
+    1.0
+    >>> 0 < tanh_share < x_share
+    True
+    """
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    outputs = fwd.graph.output_node().args[0]
+    names = [n.name if isinstance(n, torch.fx.Node) else None for n in outputs]
+    placeholders = list(bwd.graph.find_nodes(op="placeholder"))
+    generator = torch.Generator().manual_seed(seed)
+    replay = replayable_forward(fwd)
+    if replay is None:
+        raise ValueError("the Inductor back end cannot weigh errors by their gradient on a graph that "
+                         "communicates (its probe would run a collective on one rank): give budget= with "
+                         "error_weighting='tensor'")
+    with unset_fake_temporarily(), torch.no_grad(), torch.random.fork_rng():
+        values = dict(zip(names, replay(*real_inputs)))
+        args = []
+        for ph in placeholders:
+            if ph.name in values:
+                args.append(values[ph.name])
+            else:   # a tangent: random, of the output's shape
+                val = ph.meta["val"]
+                args.append(torch.randn(tuple(val.shape), generator=generator).to(val.device, val.dtype))
+        grads = bwd(*args)
+        squared = {i: float(g.double().pow(2).sum()) for i, (g, x) in enumerate(zip(grads, real_inputs))
+                   if isinstance(g, torch.Tensor) and isinstance(x, torch.Tensor) and x.is_leaf and x.requires_grad}
+    total = sum(squared.values())
+    position = {}
+    for i, out in enumerate(bwd.graph.output_node().args[0]):
+        if isinstance(out, torch.fx.Node):
+            position.setdefault(out, []).append(i)
+    shares = {}
+    for ph in placeholders:
+        if ph.name not in values or not isinstance(ph.meta.get("val"), torch.Tensor):
+            continue
+        reached, stack, seen = set(), [ph], {ph}
+        while stack:   # the backward nodes this value's dataflow reaches
+            node = stack.pop()
+            reached.update(position.get(node, ()))
+            for user in node.users:
+                if user not in seen:
+                    seen.add(user)
+                    stack.append(user)
+        shares[(ph.name, 0)] = sum(squared.get(i, 0.0) for i in reached) / total if total > 0 else 0.0
+    return shares
+
+
 def plan_saved(fwd, bwd, num_fwd_outputs: int, config: CompileConfig, real_inputs,
                share: Callable[[int], int]) -> tuple[Plan, int]:
     """The plan for one compiled graph's saved values, keeping at most ``share(baseline_bytes)``
@@ -212,10 +312,17 @@ def plan_saved(fwd, bwd, num_fwd_outputs: int, config: CompileConfig, real_input
     A graph that cannot be brought to its share is planned to that least.
     """
     profile, config, calibration = _planning_problem(fwd, bwd, num_fwd_outputs, config, real_inputs)
+    shares = None
+    if config.error_weighting == "gradient" or config.tolerance is not None:
+        if real_inputs is None:
+            raise ValueError("the Inductor back end needs the real example inputs to weigh errors by their "
+                             "gradient (error_weighting='gradient' or tolerance=): Dynamo gave fake ones")
+        shares = saved_gradient_shares(fwd, bwd, num_fwd_outputs, real_inputs)
     least = smallest_plan_bytes(profile, config, calibration)
-    allowed = max(1, share(profile.baseline_bytes), least)
-    config = dataclasses.replace(config, budget=Budget(bytes=allowed))
-    return choose_plans([profile], config, [calibration])[0], least
+    if config.tolerance is None:   # else the tolerance decides the bytes, graph by graph
+        allowed = max(1, share(profile.baseline_bytes), least)
+        config = dataclasses.replace(config, budget=Budget(bytes=allowed))
+    return choose_plans([profile], config, [calibration], shares=[shares])[0], least
 
 
 def _planning_problem(fwd, bwd, num_fwd_outputs: int, config: CompileConfig, real_inputs):
@@ -473,12 +580,12 @@ class SavedValueCheck:
     inputs: int
 
     @classmethod
-    def of(cls, fwd: torch.fx.GraphModule, num_fwd_outputs: int, plan: Plan) -> "SavedValueCheck":
-        graph = torch.fx.Graph()
-        returned = graph.graph_copy(fwd.graph, {})   # every node but the output, meta shared
-        graph.output(tuple(returned[:num_fwd_outputs]))
-        return cls(plan, torch.fx.GraphModule(fwd, graph), storage_orders(fwd),
-                   len(fwd.graph.find_nodes(op="placeholder")))
+    def of(cls, fwd: torch.fx.GraphModule, num_fwd_outputs: int, plan: Plan) -> "SavedValueCheck | None":
+        """The check of ``fwd`` (before its rewrite), or ``None`` if it cannot be replayed."""
+        forward = replayable_forward(fwd, num_fwd_outputs)
+        if forward is None:
+            return None
+        return cls(plan, forward, storage_orders(fwd), len(fwd.graph.find_nodes(op="placeholder")))
 
     def measure(self, inputs: Sequence) -> dict[tuple[str, int], float]:
         """Each checked packed value's codec error, on this forward's real values (one eager
@@ -487,8 +594,10 @@ class SavedValueCheck:
         (an overflow is the forward's news, not the codec's) is skipped."""
         checked = {a.node: codec_of(a) for a in self.plan.assignments
                    if a.codec != RECOMPUTE and not a.exact_by_use and not dict(a.options).get("predicate_only")}
-        if not checked or len(inputs) != self.inputs:
+        if not checked:
             return {}
+        if len(inputs) != self.inputs:
+            raise ValueError(f"the compiled graph was called with {len(inputs)} inputs, its forward takes {self.inputs}")
         run = _MeasuringRun(self.forward, checked, self.orders)
         with torch.no_grad(), torch.random.fork_rng():
             run.run(*inputs)

@@ -268,6 +268,29 @@ def test_a_drifted_plan_is_caught_and_the_graph_compiled_again(check_every):
     assert rel < 0.02, f"fc's gradient after the recompile: relative error {rel:.3g}"
 
 
+def test_planning_and_drift_checks_never_update_batchnorm_statistics_twice():
+    """Calibration, the gradient probe and every drift check run the graph's forward again on
+    the real inputs; AOTAutograd keeps a BatchNorm's running-statistics update in that graph
+    (``copy_`` into an input), so each would have moved the statistics a second time."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    plain = __import__("copy").deepcopy(model)
+    be = actcompile.backend(budget=0.25, check_every=1, error_weighting="gradient")
+    compiled = torch.compile(model, backend=be)
+    for step in range(3):
+        x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(step))
+        compiled(x).sum().backward()
+        plain(x).sum().backward()
+    assert be.plans[0].assignments and be.plans[0].assignments[0].gradient_share is not None
+    for mine, theirs in zip(model.modules(), plain.modules()):
+        if isinstance(mine, nn.BatchNorm2d):
+            assert int(mine.num_batches_tracked) == 3
+            assert torch.allclose(mine.running_mean, theirs.running_mean, atol=1e-5)
+            assert torch.allclose(mine.running_var, theirs.running_var, atol=1e-5)
+
+
 CONSTRUCTS = ["function", "no_grad", "autocast", "checkpoint", "hooks", "branch", "attribute", "inplace"]
 
 

@@ -184,5 +184,28 @@ def test_tolerance_and_budget_are_exclusive_and_checked():
         actcompile.actcompile(model)
     with pytest.raises(ValueError, match="tolerance=1.5: must be a number in \\(0, 1\\)"):
         actcompile.actcompile(model, tolerance=1.5)
-    with pytest.raises(ValueError, match="tolerance= is not supported by the Inductor back end"):
-        actcompile.backend(tolerance=0.01)
+    with pytest.raises(TypeError, match="exactly one of budget="):
+        actcompile.backend(budget=0.5, tolerance=0.01)
+
+
+def test_tolerance_under_compile_plans_each_graph_within_it():
+    """The Inductor back end weighs each saved value by the gradient share its backward graph
+    gives it (one probe through the partitioned graphs) and plans the least memory whose
+    predicted gradient error stays under the tolerance."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, x = ConvNet(), torch.randn(8, 3, 32, 32)
+    planned, measured = [], []
+    for tolerance in (0.3, 0.003):
+        torch._dynamo.reset()
+        be = actcompile.backend(tolerance=tolerance)
+        compiled = torch.compile(model, backend=be)
+        compiled(x).sum().backward()
+        (plan,) = be.plans
+        assert plan.predicted_gradient_error is not None and plan.predicted_gradient_error <= tolerance, plan
+        assert plan.planned_bytes <= plan.budget_bytes
+        planned.append(plan.planned_bytes)
+        measured.append(measured_gradient_error(model, compiled, x))
+    torch._dynamo.reset()
+    assert planned[0] < 0.5 * planned[1], planned   # the loose tolerance compresses, the tight one little
+    assert measured[1] < 0.003 * 3 and measured[0] > measured[1], measured
