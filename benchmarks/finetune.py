@@ -28,7 +28,8 @@ on one training batch after two warm-up steps: activation MB = heap growth acros
 (what it leaves alive: saves plus outputs), peak MB = resident high-water mark over forward +
 backward; step-time ratio = the way's mean training step over the uncompressed one's (same seed).
 
-    python benchmarks/finetune.py > benchmarks/results/finetune.md    # all tasks, 3 seeds (~50 min)
+    python benchmarks/finetune.py > benchmarks/results/finetune.md    # all tasks, 3 seeds (~70 min)
+    python benchmarks/finetune.py --from-rows benchmarks/results/finetune.json  # tables and plot again
     python benchmarks/finetune.py --tasks digits --seeds 0 --epochs 1 # a quick look
 """
 
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import json
 import math
 import os
 import pathlib
@@ -67,6 +69,7 @@ IMAGE_WAYS = ("uncompressed", *ACTCOMPILE_BUDGETS, *RESEARCH, "checkpoint")
 LAST_K_WAYS = ("uncompressed", "actcompile 1/4", "actcompile 1/8", "HOSVD v=0.8", "HOSVD v=0.9")
 TEXT_WAYS = ("uncompressed", *ACTCOMPILE_BUDGETS, "checkpoint")
 OVERFIT_WAYS = ("uncompressed", "actcompile 1/8", "actcompile 1/16", "threshold λ=100", "wavelet db3 L3")
+METRICS = {"valid_loss": "validation loss", "test_acc": "test accuracy"}
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -159,8 +162,8 @@ def compress_saves_in_(model: nn.Module, codec, module_types=(nn.Conv2d,), tally
 
 
 # -- one training run ----------------------------------------------------------------------
-def prepare(way: str, model: nn.Module, example, *, checkpoint_segments: int = 4) -> nn.Module:
-    """The module to train ``model`` through, for ``way``."""
+def prepare(way: str, model: nn.Module, example, *, checkpoint_segments: int = 4, tally: dict | None = None) -> nn.Module:
+    """The module to train ``model`` through, for ``way`` (``tally``: see ``compress_saves_in_``)."""
     from actcompile import actcompile
     from actcompile.codecs import get_codec
 
@@ -170,7 +173,7 @@ def prepare(way: str, model: nn.Module, example, *, checkpoint_segments: int = 4
         return actcompile(model, budget=ACTCOMPILE_BUDGETS[way], example_inputs=example)
     if way in RESEARCH:
         name, options, kinds = RESEARCH[way]
-        return compress_saves_in_(model, get_codec(name, **options), kinds)
+        return compress_saves_in_(model, get_codec(name, **options), kinds, tally)
     if way == "checkpoint":
         if hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -221,22 +224,45 @@ def classify(model, batch):
     return F.cross_entropy(model(x), y)
 
 
+def conv_input_bytes(model: nn.Module, loss_of, batch) -> tuple[int, int]:
+    """The research code's memory metric for vanilla training: bytes of what the trainable
+    convolutions save (their inputs), all of them and the last one alone (one forward)."""
+    sizes = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: sizes.append(args[0].numel() * args[0].element_size()))
+             for m in model.modules() if isinstance(m, nn.Conv2d) and m.weight.requires_grad]
+    try:
+        loss_of(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(sizes), (sizes[-1] if sizes else 0)
+
+
 def run_way(way, model, train_batches, loss_of, optimizer_of, example, evaluate) -> dict:
     from actcompile.errors import BudgetError
 
     params = [p for p in model.parameters() if p.requires_grad]
     start = time.perf_counter()
+    tally = {}   # a research way's packed and raw bytes: the papers' metric
     try:
-        trained = prepare(way, model, example)
+        trained = prepare(way, model, example, tally=tally)
     except BudgetError as err:   # a row of its own: the table says which budgets no plan reaches
         return dict(way=way, error=str(err).split(":")[0] + f" (smallest {err.smallest_bytes / 1e6:.3f} MB)")
     prepare_s = time.perf_counter() - start
     for batch in train_batches[:2]:   # warm-up (codec kernels compile): gradients only, no update
         loss_of(trained, batch).backward()
     mem = memory(trained, params, train_batches[0], loss_of)
+    metric = {}
+    if way in RESEARCH:
+        tally.clear()
+        loss_of(trained, train_batches[0])   # one forward: what one batch packs
+        metric = dict(papers_mb=tally.get("packed_bytes", 0) / 1e6)
+    elif way == "uncompressed":
+        every, last = conv_input_bytes(model, loss_of, train_batches[0])
+        metric = dict(papers_mb=every / 1e6, papers_last_conv_mb=last / 1e6)
     losses, step_s = train(trained, params, train_batches, loss_of, optimizer_of)
     row = dict(way=way, step_s=step_s, prepare_s=prepare_s, final_loss=statistics.fmean(losses[-5:]),
-               activation_mb=mem["activation_bytes"] / 1e6, peak_mb=mem["peak_bytes"] / 1e6, **evaluate(trained))
+               activation_mb=mem["activation_bytes"] / 1e6, peak_mb=mem["peak_bytes"] / 1e6, **metric, **evaluate(trained))
     print(f"  {way}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)), file=sys.stderr, flush=True)
     return row
 
@@ -268,7 +294,7 @@ def digits_task(seed: int, epochs: int, ways_all, ways_last) -> list[dict]:
             batches = batches_of(tr_x, tr_y, 32, seed + 1, epochs)
             row = run_way(way, model, batches, classify, sgd, batches[0][0],
                           lambda m: dict(test_acc=accuracy(m, te_x, te_y)))
-            rows.append(dict(row, task=f"digits 5-9, {layers} layers", seed=seed, start_acc=pre_accuracy))
+            rows.append(dict(row, task=f"digits 5-9, {layers} layers", seed=seed, start_acc=pre_accuracy, epochs=epochs))
     return rows
 
 
@@ -335,13 +361,15 @@ def table(rows, metric: str, label: str) -> None:
         ways = list(dict.fromkeys(r["way"] for r in mine))
         base = {r["seed"]: r for r in mine if r["way"] == "uncompressed"}
         extra = "train acc | gap | " if any("train_acc" in r for r in mine) else ""
-        print(f"\n### {task}\n\n| way | {label} | {extra}activation MB | peak MB | step-time ratio | setup s |")
-        print("|---|---|" + ("---|---|" if extra else "") + "---|---|---|---|")
+        papers = any(r.get("papers_mb") for r in mine)
+        print(f"\n### {task}\n\n| way | {label} | {extra}activation MB | peak MB | step-time ratio | setup s |"
+              + (" papers' metric MB |" if papers else ""))
+        print("|---|---|" + ("---|---|" if extra else "") + "---|---|---|---|" + ("---|" if papers else ""))
         for way in ways:
             rs = [r for r in mine if r["way"] == way]
             if any("error" in r for r in rs):
                 print(f"| {way} | no plan in {sum('error' in r for r in rs)} of {len(rs)} seeds: "
-                      f"{next(r['error'] for r in rs if 'error' in r)} |" + " |" * (5 if extra else 3), flush=True)
+                      f"{next(r['error'] for r in rs if 'error' in r)} |" + " |" * ((5 if extra else 3) + papers), flush=True)
                 continue
             ratio = [r["step_s"] / base[r["seed"]]["step_s"] for r in rs if r["seed"] in base]
             cells = [spread([r[metric] for r in rs])]
@@ -349,6 +377,8 @@ def table(rows, metric: str, label: str) -> None:
                 cells += [spread([r["train_acc"] for r in rs]), spread([r["train_acc"] - r["test_acc"] for r in rs])]
             cells += [spread([r["activation_mb"] for r in rs], "{:.2f}"), spread([r["peak_mb"] for r in rs], "{:.1f}"),
                       spread(ratio, "{:.2f}") if ratio else "-", f"{statistics.fmean(r['prepare_s'] for r in rs):.1f}"]
+            if papers:
+                cells.append(spread([r["papers_mb"] for r in rs], "{:.2f}") if "papers_mb" in rs[0] else "")
             print(f"| {way} | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -362,7 +392,7 @@ def plot(rows, path: pathlib.Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         mine = [r for r in rows if r["task"] == task and "error" not in r]
-        metric = "valid_loss" if "valid_loss" in mine[0] else "test_acc"
+        metric = next(m for m in METRICS if m in mine[0])
         for i, way in enumerate(dict.fromkeys(r["way"] for r in mine)):
             rs = [r for r in mine if r["way"] == way]
             x = statistics.fmean(r["activation_mb"] for r in rs)
@@ -372,7 +402,7 @@ def plot(rows, path: pathlib.Path) -> None:
             marker = "o" if way.startswith("actcompile") else ("s" if way in ("uncompressed", "checkpoint") else "^")
             ax.errorbar(x, y, yerr=err, fmt=marker, capsize=3, label=way, color=plt.cm.tab20(i % 20))
         ax.set_xlabel("activation MB kept by the forward (measured)")
-        ax.set_ylabel("validation loss" if metric == "valid_loss" else "test accuracy")
+        ax.set_ylabel(METRICS[metric])
         ax.set_title(task, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -389,16 +419,40 @@ def measured_heap_process(script: str, argv) -> None:
         os.execv(sys.executable, [sys.executable, script, *(argv or sys.argv[1:])])
 
 
+def hosvd_readme_claim(rows) -> None:
+    """The HOSVD code's README: "fine-tuning all layers using our method (HOSVD) consumes less
+    memory than fine-tuning only a single layer with Vanilla Training", in its own metric
+    (compressed conv inputs against the last conv's raw input)."""
+    base = [r for r in rows if r["way"] == "uncompressed" and r["task"].endswith("all layers") and "papers_mb" in r]
+    if not base:
+        return
+    single = statistics.fmean(r["papers_last_conv_mb"] for r in base)
+    print(f"\nThe HOSVD README's claim, in its own metric (MB of conv inputs kept; one batch): vanilla, "
+          f"the last conv alone {single:.3f}; vanilla, every conv {statistics.fmean(r['papers_mb'] for r in base):.3f}")
+    for way in ("HOSVD v=0.8", "HOSVD v=0.9"):
+        mine = [r["papers_mb"] for r in rows if r["way"] == way and r["task"].endswith("all layers") and "papers_mb" in r]
+        if mine:
+            verdict = "holds" if statistics.fmean(mine) < single else "does not hold"
+            print(f"- {way}, every conv: {spread(mine)} MB: the claim {verdict} here")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=("digits", "text", "overfit"))
     parser.add_argument("--seeds", nargs="+", type=int, default=(0, 1, 2))
     parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs on digits 5-9")
-    parser.add_argument("--text-steps", type=int, default=150)
+    parser.add_argument("--text-steps", type=int, default=300)
     parser.add_argument("--overfit-epochs", type=int, default=25)
     parser.add_argument("--ways", nargs="+", help="only these ways (default: every way of each task)")
     parser.add_argument("--plot", default=str(RESULTS / "finetune.png"))
+    parser.add_argument("--rows", default=str(RESULTS / "finetune.json"),
+                        help="where every run's row is written as JSON (tables and plot can be remade from it)")
+    parser.add_argument("--from-rows", help="train nothing: print the tables and draw the plot from this JSON")
     ns = parser.parse_args(argv)
+    if ns.from_rows:
+        rows = json.loads(pathlib.Path(ns.from_rows).read_text())
+        report(rows, ns)
+        return
     only = lambda ways: tuple(w for w in ways if ns.ways is None or w in ns.ways)  # noqa: E731
     measured_heap_process(__file__, argv)
     torch.set_num_threads(2)
@@ -414,11 +468,19 @@ def main(argv=None) -> None:
             rows += text_task(seed, ns.text_steps, only(TEXT_WAYS))
         if "overfit" in ns.tasks:
             rows += overfit_task(seed, ns.overfit_epochs, only(OVERFIT_WAYS))
+    if ns.rows:
+        pathlib.Path(ns.rows).write_text(json.dumps(rows, indent=1, ensure_ascii=False))
+    report(rows, ns)
+
+
+def report(rows: list[dict], ns) -> None:
     digit_rows = [r for r in rows if r["task"].startswith("digits")]
     if digit_rows:
-        print(f"\nDigits 5–9 after pretraining on 0–4, {ns.epochs} epochs; accuracy before fine-tuning "
+        epochs = digit_rows[0].get("epochs", ns.epochs)
+        print(f"\nDigits 5–9 after pretraining on 0–4, {epochs} epochs; accuracy before fine-tuning "
               f"(fresh head): {spread([r['start_acc'] for r in digit_rows])}")
         table(digit_rows, "test_acc", "test accuracy")
+        hosvd_readme_claim(digit_rows)
     table([r for r in rows if r["task"].startswith("text")], "valid_loss", "validation loss")
     table([r for r in rows if r["task"].startswith("overfit")], "test_acc", "test accuracy")
     if ns.plot and rows:
