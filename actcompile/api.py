@@ -200,6 +200,18 @@ class Drift:
                 f"planned {self.planned_error:.3g}")
 
 
+def is_check_forward(n: int, every: int) -> bool:
+    """Is training forward ``n`` (1 = the first) a drift check? Forwards 1, 2, 4, 8, … below
+    ``every``, then every ``every``-th (0: never): training moves fastest at its start (a
+    zero-initialised gate leaves zero after one step), so early drift is caught early at a
+    handful of extra checks. Both back ends keep this schedule.
+
+    >>> [n for n in range(1, 130) if is_check_forward(n, 50)]
+    [1, 2, 4, 8, 16, 32, 50, 100]
+    """
+    return bool(every) and (n % every == 0 or (n < every and n & (n - 1) == 0))
+
+
 def find_drifts(plan: Plan, measured: dict, tolerance: float, forward: int, graph: str) -> list[Drift]:
     """The assignments of ``plan`` whose ``measured`` error (by ``(node, ordinal)``) left
     ``tolerance`` × the planned one (+ :data:`~actcompile.config.DRIFT_SLACK`); both back ends.
@@ -438,11 +450,7 @@ class ActCompiledModule(nn.Module):
 
     # -- plans that stay true ----------------------------------------------------------------
     def _checking(self) -> bool:
-        """Is this forward a drift check? Forwards 1, 2, 4, 8, … below ``check_every``, then every
-        ``check_every``-th: training moves fastest at its start (a zero-initialised gate leaves
-        zero after one step), so early drift is caught early at a handful of extra unpacks."""
-        every, n = self.compile_config.check_every, self._forwards
-        return bool(every) and (n % every == 0 or (n < every and n & (n - 1) == 0))
+        return is_check_forward(self._forwards, self.compile_config.check_every)
 
     def _drifted(self, graph: str, plan: Plan, measured: dict) -> list[Drift]:
         return find_drifts(plan, measured, self.compile_config.drift_tolerance, self._forwards, graph)

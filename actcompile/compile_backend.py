@@ -268,8 +268,9 @@ class CheckedGraph:
         return outputs
 
     def _checking(self) -> bool:
-        every, n = self.backend.config.check_every, self.forwards
-        return bool(every) and (n % every == 0 or (n < every and n & (n - 1) == 0))
+        from actcompile.api import is_check_forward
+
+        return is_check_forward(self.forwards, self.backend.config.check_every)
 
     def _check_drift(self, inputs: list) -> None:
         import warnings
