@@ -224,6 +224,8 @@ class Assignment:
                                  # what the codec keeps (a ReLU's mask); drift checks skip it
     saved_by: tuple[tuple[str, int], ...] = ()   # the other (node, ordinal) saves of the same storage:
                                                  # whichever runs first packs it (the first may be recomputed)
+    viewed_by: tuple[tuple[str, int], ...] = ()  # saves of it as a view of another shape (F.linear's
+                                                 # 2-D view of a 3-D input): they reuse the packed form
 
     def __post_init__(self):
         _require(self.bytes_before >= 0, "Assignment", "bytes_before", self.bytes_before, "must be >= 0")
@@ -317,7 +319,8 @@ class Plan:
 
         def assignment(d):
             options = tuple((k, tuples(v)) for k, v in d["options"])
-            d = dict(d, options=options, shape=tuple(d["shape"]), saved_by=tuples(d.get("saved_by", [])))
+            d = dict(d, options=options, shape=tuple(d["shape"]), saved_by=tuples(d.get("saved_by", [])),
+                     viewed_by=tuples(d.get("viewed_by", [])))
             return Assignment(**d)
 
         regions = tuple(

@@ -36,7 +36,7 @@ import torch.fx
 from actcompile import runtime
 from actcompile.codecs import get_codec
 from actcompile.codecs.kernels import CompiledCodec
-from actcompile.plan import RECOMPUTE, Plan
+from actcompile.plan import RECOMPUTE, Plan, SkipReason
 
 
 class CompressedGraphModule(torch.fx.GraphModule):
@@ -143,7 +143,12 @@ def emit_regions(gm: torch.fx.GraphModule, plan: Plan, compile_codecs: bool = Fa
                                tuple(tuple(p) for p in options.get("packed", ())), renamed)
     nodes = {n.name: n for n in graph.nodes}   # a packed save made inside a recomputed run has no marker:
                                                # the run packs it for itself (runtime.Recomputed)
-    savers = (name for a in plan.assignments if a.codec != RECOMPUTE for name in (a.node, *(n for n, _ in a.saved_by)))
+    # Only marked nodes run under the pack hook (runtime.begin_node): every save of a storage the
+    # plan packs must be marked, or it would keep the storage whole: the planned save, the other
+    # saves of it (same shape or a view), and saves an earlier graph of the forward may have packed.
+    savers = [name for a in plan.assignments if a.codec != RECOMPUTE
+              for name in (a.node, *(n for n, _ in a.saved_by), *(n for n, _ in a.viewed_by))]
+    savers += [s.node for s in plan.skipped if s.reason is SkipReason.SHARED]
     for name in dict.fromkeys(name for name in savers if name in nodes):
         node = nodes[name]
         with graph.inserting_before(node):

@@ -274,14 +274,16 @@ class _GraphProblem:
             if not codec.fixed_rate and getattr(codec, "max_bytes", 0) is None:
                 # another batch may need more bytes for the same ε: cap it at what was planned
                 codec = dataclasses.replace(codec, max_bytes=nbytes)
-            saved_by = tuple((e.node, e.ordinal) for e in events.get(t.index, ())
-                             if e.shape == t.shape and (e.node, e.ordinal) != (t.node, t.ordinal))
+            others = [e for e in events.get(t.index, ()) if (e.node, e.ordinal) != (t.node, t.ordinal)]
+            saved_by = tuple((e.node, e.ordinal) for e in others if e.shape == t.shape)
+            viewed_by = tuple((e.node, e.ordinal) for e in others if e.shape != t.shape)
             assignments.append(Assignment(node=t.node, ordinal=t.ordinal, codec=codec.name,
                                           options=codec_options(codec), epsilon=codec.epsilon,
                                           bytes_before=t.nbytes, bytes_after=nbytes, error=error,
                                           shape=t.shape, dtype=t.dtype,
                                           gradient_share=self.share_of(t),
-                                          exact_by_use=exact_for_use(codec, t.uses), saved_by=saved_by))
+                                          exact_by_use=exact_for_use(codec, t.uses), saved_by=saved_by,
+                                          viewed_by=viewed_by))
         return assignments, skips
 
 

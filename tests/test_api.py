@@ -102,7 +102,7 @@ def test_no_hooks_left_when_the_forward_raises():
 
 def test_no_codec_work_in_eval_or_no_grad(monkeypatch):
     model, x = small_cnn()
-    compiled = actcompile(model, budget=0.25, example_inputs=x)
+    compiled = actcompile(model, budget=0.25, example_inputs=x, recompute=False)   # codecs to run
     calls = []
     monkeypatch.setattr(runtime._Session, "pack", lambda self, t: calls.append(1) or t)
     with torch.no_grad():
@@ -114,6 +114,40 @@ def test_no_codec_work_in_eval_or_no_grad(monkeypatch):
     compiled.train()
     compiled(x)
     assert calls, "training forward should pack"
+
+
+class _SavedAsAView(nn.Module):
+    """``h`` is saved by ``mul`` as it is and by ``F.linear`` as a 2-D view: one storage, two shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.out = nn.Linear(32, 64), nn.Linear(64, 64)
+        self.scale = nn.Parameter(torch.ones(64))
+
+    def forward(self, x):
+        h = self.proj(x)
+        return (h * self.scale + self.out(h)).sum(-1)
+
+
+def test_only_the_nodes_the_plan_names_reach_the_pack_hook_and_a_view_save_reuses_the_packed_form():
+    """The markers install the hooks around the planned nodes alone: saves elsewhere go straight
+    to autograd (here: to the outer hooks), and a later save of a packed storage as a view of
+    another shape is marked too (``viewed_by``), so it holds the packed form, never the storage."""
+    torch.manual_seed(0)
+    model, x = _SavedAsAView(), torch.randn(32, 64, 32)
+    compiled = actcompile(model, budget=0.3, example_inputs=x, recompute=False, codecs=["int8"])
+    (a,) = compiled.plan.assignments
+    assert a.viewed_by and tuple(a.shape) == (32, 64, 64), compiled.plan
+    h_bytes = 32 * 64 * 64 * 4
+    outer = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: outer.append(t.untyped_storage().nbytes()) or t,
+                                                  lambda t: t):
+        out = compiled(x)
+    assert compiled.last_stats.packed_tensors == 1 and compiled.last_stats.raw_bytes_replaced == h_bytes
+    assert h_bytes not in outer, "a save of the packed storage kept it whole"
+    assert 32 * 64 * 32 * 4 in outer, "the input's save (an unmarked node) reaches the outer hooks"
+    out.sum().backward()
+    assert model.scale.grad is not None and model.proj.weight.grad is not None
 
 
 def test_deepcopy_and_pickle_roundtrip():
