@@ -30,6 +30,7 @@ drift checks measure that error in training.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -87,6 +88,62 @@ def measure(codec, x: torch.Tensor, sample: torch.Tensor | None = None) -> tuple
     return measure_whole(codec, x)
 
 
+def measure_all(codecs, x: torch.Tensor, sample: torch.Tensor | None = None) -> list[tuple[float, int]]:
+    """:func:`measure` of each of ``codecs`` on ``x``. A run of one codec at several ε (the
+    ladder :func:`~actcompile.passes.rules.codec_choices` offers) shares what does not depend on
+    ε where its codec can: the low-rank codecs' sampled spectra (``estimate_ladder``), the
+    wavelet's transform (``ladder``). The bytes are those of one :func:`measure` per codec; so
+    is the error, except the wavelet's, which is its coefficients' error, an upper bound of it.
+
+    >>> from actcompile.codecs import get_codec
+    >>> x = torch.randn(8, 4, 32, 32)
+    >>> ladder = [get_codec("wavelet", epsilon=e) for e in (0.05, 0.2)]
+    >>> shared, alone = measure_all(ladder, x), [measure(c, x) for c in ladder]
+    >>> [b for _, b in shared] == [b for _, b in alone]
+    True
+    >>> all(a <= s <= c.epsilon for (s, _), (a, _), c in zip(shared, alone, ladder))
+    True
+    """
+    measured = []
+    for run in _epsilon_runs(codecs):
+        shared = _measure_ladder(run, x, sample) if run[0] is not None and getattr(run[0], "epsilon", None) else None
+        measured += shared if shared is not None else [measure(codec, x, sample) for codec in run]
+    return measured
+
+
+def _epsilon_runs(codecs) -> list[list]:
+    """``codecs`` in runs of consecutive ones equal but for their ε (each set)."""
+    runs: list[list] = []
+    for codec in codecs:
+        last = runs[-1][0] if runs else None
+        if (last is not None and type(last) is type(codec) and getattr(codec, "epsilon", None) is not None
+                and last.epsilon is not None and dataclasses.replace(last, epsilon=codec.epsilon) == codec):
+            runs[-1].append(codec)
+        else:
+            runs.append([codec])
+    return runs
+
+
+def _measure_ladder(run: list, x: torch.Tensor, sample: torch.Tensor | None) -> list[tuple[float, int]] | None:
+    """What :func:`measure` gives each codec of ``run``, computed once for all its ε; ``None``
+    where the codec shares nothing (then each is measured alone)."""
+    codec, epsilons = run[0], [c.epsilon for c in run]
+    if hasattr(codec, "estimate_ladder"):
+        predicted = codec.estimate_ladder(x, epsilons)
+        if predicted is not None:
+            return predicted
+    if not hasattr(codec, "ladder") or getattr(codec, "max_bytes", None) is not None:
+        return None
+    if sample is not None and sample is not x and codec.calibrates_on_slices:
+        measured = codec.ladder(sample, epsilons)
+        if measured is None:
+            return None
+        if codec.fixed_rate:
+            return [(error, codec.packed_nbytes(TensorSpec.of(x))) for error, _ in measured]
+        return [(error, math.ceil(nbytes * x.numel() / sample.numel())) for error, nbytes in measured]
+    return codec.ladder(x, epsilons)
+
+
 def measure_whole(codec, x: torch.Tensor) -> tuple[float, int]:
     """``(relative error, packed bytes)`` of ``codec`` packing all of ``x``."""
     packed = codec.pack(x)
@@ -126,7 +183,7 @@ class Calibrator:
                 self.results[key] = [(codec, *measure_whole(codec, x)) for codec in codecs]
             else:
                 sample = representative_sample(x)
-                self.results[key] = [(codec, *measure(codec, x, sample)) for codec in codecs]
+                self.results[key] = [(codec, *m) for codec, m in zip(codecs, measure_all(codecs, x, sample))]
         if self.on_measured is not None:
             self.on_measured(len(self.results), len(self.choices))
 

@@ -125,8 +125,15 @@ class SVDCodec(VariableRate):
         rank 6 at error 0.02 where the whole needs rank 5 at 0.19, and a planned 0.02 would then
         look like drift. For calibration: the plan caps the codec at the bytes predicted, so a
         wrong guess costs error, not memory."""
+        if self.target_epsilon is None:
+            return None
+        ladder = self.estimate_ladder(x, (self.target_epsilon,))
+        return None if ladder is None else ladder[0]
+
+    def estimate_ladder(self, x: torch.Tensor, epsilons) -> list[tuple[float, int]] | None:
+        """:meth:`estimate` at each of ``epsilons``, from one sampled spectrum (it does not depend on ε)."""
         n, m = self._unfolding(tuple(x.shape))
-        if self.target_epsilon is None or x.numel() < 4 * ESTIMATE_VALUES or min(n, m) < 2:
+        if x.numel() < 4 * ESTIMATE_VALUES or min(n, m) < 2:
             return None
         matrix = x.detach().float().reshape(n, m)
         total = squared_norm(matrix)
@@ -139,9 +146,9 @@ class SVDCodec(VariableRate):
             return None
         values, _ = _spectrum(sample @ sample.T)
         values = values * (total / max(values.sum().item(), 1e-300))   # scaled to the whole's energy
-        k = min(self._max_rank(n, m, x.dtype.itemsize), energy_cut(values, total, self.target_epsilon))
-        return self.target_epsilon, (n + m) * k * x.dtype.itemsize
-
+        limit = self._max_rank(n, m, x.dtype.itemsize)
+        return [(epsilon, (n + m) * min(limit, energy_cut(values, total, epsilon)) * x.dtype.itemsize)
+                for epsilon in epsilons]
 
 def _left_spectrum(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared singular values and left singular vectors of ``matrix`` from the smaller Gram matrix.
@@ -371,17 +378,30 @@ class HOSVDCodec(VariableRate):
         so is a mode too long for this smaller sample, which pack may still truncate: bytes then
         over-predicted); ``None`` (measure instead) for tensors too small to sample or a size option. The error is ``epsilon`` (0 if every mode is kept whole), as
         in :meth:`SVDCodec.estimate`."""
+        if self.target_epsilon is None:
+            return None
+        ladder = self.estimate_ladder(x, (self.target_epsilon,))
+        return None if ladder is None else ladder[0]
+
+    def estimate_ladder(self, x: torch.Tensor, epsilons) -> list[tuple[float, int]] | None:
+        """:meth:`estimate` at each of ``epsilons``: the sampled energies of every mode of ``x``
+        do not depend on ε, so calibration's ladder computes them once (ResNet-50: 872 sampled
+        Gram matrices and eigendecompositions became 218)."""
         dims = self._dims(tuple(x.shape))
-        if self.target_epsilon is None or x.numel() < 4 * ESTIMATE_VALUES:
+        if x.numel() < 4 * ESTIMATE_VALUES:
             return None
         tensor = x.detach().float().reshape(dims)
         total = squared_norm(tensor)
         if not math.isfinite(total) or total == 0:
             return None
         order = [m for m in sorted(range(len(dims)), key=lambda i: dims[i]) if dims[m] <= self.MAX_MODE]
-        ranks, left = list(dims), (self.target_epsilon ** 2) * total
+        energies = {mode: _sampled_energies(tensor, mode, ESTIMATE_VALUES) for mode in order}
+        return [self._estimated(dims, order, energies, total, epsilon, x.dtype.itemsize) for epsilon in epsilons]
+
+    def _estimated(self, dims, order, energies, total: float, epsilon: float, itemsize: int) -> tuple[float, int]:
+        ranks, left = list(dims), (epsilon ** 2) * total
         for position, mode in enumerate(order):
-            values = _sampled_energies(tensor, mode, ESTIMATE_VALUES)
+            values = energies[mode]
             if values is None:   # too long a mode for a sample of its fibres: predicted kept whole (more bytes, never more error)
                 continue
             allowed = max(left, 0.0) / (len(order) - position)
@@ -392,8 +412,8 @@ class HOSVDCodec(VariableRate):
             left -= values[r:].sum().item()
         ranks = tuple(ranks)
         if ranks == dims or self._bytes(dims, ranks, 1) >= math.prod(dims):   # stored as it is (see pack)
-            return 0.0, x.numel() * x.dtype.itemsize
-        return self.target_epsilon, self._bytes(dims, ranks, x.dtype.itemsize)
+            return 0.0, math.prod(dims) * itemsize
+        return epsilon, self._bytes(dims, ranks, itemsize)
 
     def unpack(self, packed: tuple) -> torch.Tensor:
         core, *factors, shape = packed
