@@ -288,17 +288,16 @@ class _GraphProblem:
 
 
 def _codec_seconds(codec, t: SavedTensor, config: CompileConfig) -> float:
-    """Predicted pack + unpack time of ``codec`` on ``t``, in copies of ``t``
-    (benchmarks/results/codecs.md, run 3: int8 1.4–2.1 copies compiled, 11–14 eager; mask 0.5–1.8
-    and 6.7–7.3; DCT and HOSVD 2.4–8.2 either way) at ``config.bytes_per_second``."""
+    """Predicted pack + unpack time of ``codec`` on ``t`` at ``config.bytes_per_second``: the
+    codec's ``copies`` of ``t`` (benchmarks/results/codecs.md run 4, eager: DCT ~3, HOSVD ~5,
+    SVD ~8, FFT low-pass ~15, threshold ~40, wavelet ~90, quantizers ~12), or 2 where a
+    fixed-rate codec runs as compiled kernels (int8 1.1–1.3 copies, mask 0.8–1.3)."""
     if codec is None:
         return 0.0
-    if not codec.fixed_rate:
-        copies = 5.0
-    elif config.compile_codecs and getattr(codec, "traceable", True):
+    if codec.fixed_rate and config.compile_codecs and getattr(codec, "traceable", True):
         copies = 2.0
     else:
-        copies = 12.0
+        copies = getattr(codec, "copies", 12.0)
     return copies * 2 * t.nbytes / config.bytes_per_second
 
 

@@ -154,6 +154,28 @@ def test_time_weight_trades_error_for_time():
     assert segments[0] >= segments[1] > segments[2] == 0, segments
 
 
+def test_each_codec_is_priced_at_its_own_measured_time(monkeypatch):
+    """The wavelet costs ~90 copies of its tensor, DCT ~3 (``copies``, codecs.md run 4): at the
+    default λ a smooth conv net's plan holds fewer wavelets than when both are priced alike, and
+    with time priced heavily none; with time free the wavelet's smaller error wins some tensors."""
+    from actcompile.codecs.wavelet import WaveletCodec
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 5, padding=2), nn.Tanh(), nn.AvgPool2d(3, 1, 1),
+                          nn.Conv2d(16, 16, 5, padding=2), nn.Tanh(), nn.Flatten(), nn.Linear(16 * 32 * 32, 4))
+    ramp = torch.linspace(0, 1, 32)
+    x = ramp.outer(ramp).expand(8, 3, 32, 32) + 0.01 * torch.randn(8, 3, 32, 32)
+
+    def wavelets(time_weight):
+        plan = explain(model, x, budget=0.4, codecs=["dct", "wavelet"], time_weight=time_weight, recompute=False)
+        return sum(a.codec == "wavelet" for a in plan.assignments)
+
+    free, priced, heavy = wavelets(0.0), wavelets(1e-3), wavelets(1e9)
+    monkeypatch.setattr(WaveletCodec, "copies", 3)   # priced as DCT
+    alike = wavelets(1e-3)
+    assert heavy == 0 and 0 < priced < alike <= free, (free, priced, alike, heavy)
+
+
 @pytest.mark.parametrize("bad", [-1.0, float("inf"), "fast", True])
 def test_bad_time_model_options_are_refused(bad):
     model, x = make()

@@ -70,6 +70,9 @@ class TensorSpec:
 class Codec(Protocol):
     name: ClassVar[str]
     fixed_rate: ClassVar[bool]
+    # Optional, ``copies: ClassVar[float]``: pack + unpack time, eager, in copies of the tensor
+    # (benchmarks/results/codecs.md run 4, 70 MB maps), the policy's price of the codec's time
+    # (passes/policy.py _codec_seconds); a codec without it is priced as a quantizer (12).
     epsilon: float | None
 
     def supports(self, spec: TensorSpec) -> bool: ...

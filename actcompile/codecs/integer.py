@@ -52,6 +52,7 @@ class BitsCodec:
     """A bool tensor as 1 bit per element."""
 
     name: ClassVar[str] = "bits"
+    copies: ClassVar[float] = 4   # time, see Codec.copies
     fixed_rate: ClassVar[bool] = True
     lossless_integer: ClassVar[bool] = True
     traceable: ClassVar[bool] = True
@@ -93,6 +94,7 @@ class PoolOffsetsCodec:
     """
 
     name: ClassVar[str] = "pool_offsets"
+    copies: ClassVar[float] = 4   # time, see Codec.copies
     fixed_rate: ClassVar[bool] = True
     lossless_integer: ClassVar[bool] = True
     traceable: ClassVar[bool] = True
@@ -211,6 +213,7 @@ class NarrowCodec:
     """An integer tensor stored as ``dtype`` (narrower), checked at every pack (see the module doc)."""
 
     name: ClassVar[str] = "narrow"
+    copies: ClassVar[float] = 2   # time, see Codec.copies
     fixed_rate: ClassVar[bool] = True
     lossless_integer: ClassVar[bool] = True
     traceable: ClassVar[bool] = False   # the range check reads the data

@@ -35,6 +35,7 @@ class NoneCodec:
     """Keep the tensor as it is (the identity; what every tensor the plan skips gets)."""
 
     name: ClassVar[str] = "none"
+    copies: ClassVar[float] = 0   # time, see Codec.copies
     fixed_rate: ClassVar[bool] = True
     sign_exact: ClassVar[bool] = True
     epsilon: float | None = None
@@ -76,6 +77,7 @@ class MaskCodec:
     """
 
     name: ClassVar[str] = "mask"
+    copies: ClassVar[float] = 5   # time, see Codec.copies
     fixed_rate: ClassVar[bool] = True
     default_enabled: ClassVar[bool] = True
     epsilon: float | None = None

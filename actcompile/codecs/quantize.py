@@ -59,6 +59,7 @@ def _check_fixed_rate(codec, multiple_of: int) -> None:
 @dataclasses.dataclass(frozen=True)
 class _GroupQuantCodec:
     name: ClassVar[str]
+    copies: ClassVar[float] = 12   # time, see Codec.copies
     bits: ClassVar[int]
     fixed_rate: ClassVar[bool] = True
     default_enabled: ClassVar[bool] = True
@@ -166,6 +167,7 @@ if hasattr(torch, "float8_e4m3fn"):   # registered only where this torch build h
         """
 
         name: ClassVar[str] = "fp8"
+        copies: ClassVar[float] = 12   # time, see Codec.copies
         fixed_rate: ClassVar[bool] = True
         default_enabled: ClassVar[bool] = True
         calibrates_on_slices: ClassVar[bool] = True

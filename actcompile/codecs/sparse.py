@@ -40,6 +40,7 @@ class RandomCodec:
     """Keeps nothing; unpacks N(0, 1) noise of the right shape (a control, chosen only by name)."""
 
     name: ClassVar[str] = "random"
+    copies: ClassVar[float] = 0   # time, see Codec.copies
     fixed_rate: ClassVar[bool] = True
     epsilon: float | None = None
     seed: int = 0
@@ -85,6 +86,7 @@ class ThresholdCodec(VariableRate):
     """Keep the largest-magnitude entries; positions as a bitmap, values in the input dtype."""
 
     name: ClassVar[str] = "threshold"
+    copies: ClassVar[float] = 40   # time, see Codec.copies
     fixed_rate: ClassVar[bool] = False
     keep: float | None = None      # fraction of entries kept, when no epsilon is given (default ε 0.1)
 
