@@ -238,7 +238,8 @@ def test_a_drifted_plan_is_caught_and_the_graph_compiled_again(check_every):
 
     torch.manual_seed(0)
     model = ZeroGate()
-    be = actcompile.backend(budget=0.35, check_every=check_every)
+    # the quantizers and the mask (test_drift.py also drifts the default set's capped DCT)
+    be = actcompile.backend(budget=0.35, check_every=check_every, codecs=["int8", "int4", "int2", "fp8", "mask"])
     compiled = torch.compile(model, backend=be)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     with warnings.catch_warnings(record=True) as caught:

@@ -54,40 +54,49 @@ def gate_codec(wrapped):
     return [a.codec for a in wrapped.plan.assignments if a.node == "mul" and a.ordinal == 1]
 
 
-def test_a_zero_initialised_gate_planned_as_exact_is_caught_and_replanned():
+# The gate's output at planning is all zeros: what the plan gives it keeps them "exactly" and
+# drifts once the gate moves. With the quantizers and mask it is the 1-bit mask; with every
+# codec (the default) DCT, capped at the few bytes the zeros needed.
+GATE_PLANS = [pytest.param(["int8", "int4", "int2", "fp8", "mask"], "mask", id="mask"),
+              pytest.param(None, "dct", id="default-codecs")]
+
+
+@pytest.mark.parametrize("codecs, gate", GATE_PLANS)
+def test_a_zero_initialised_gate_planned_as_exact_is_caught_and_replanned(codecs, gate):
     torch.manual_seed(0)
     model = ZeroGate()
     x, labels = batch(0)
     wrapped = actcompile(model, budget=0.35, example_inputs=x, check_every=2, compile_codecs=False,
-                         recompute=False)   # the gate's mask is what drifts; recomputing would take it
-    assert gate_codec(wrapped) == ["mask"], wrapped.plan   # all zeros: 1 bit "exactly"
+                         recompute=False, codecs=codecs)   # the gate's codec is what drifts; recomputing would take it
+    assert gate_codec(wrapped) == [gate], wrapped.plan
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train(wrapped, model, steps=4)
     drift = [w for w in caught if issubclass(w.category, PlanDriftWarning)]
-    assert drift and "mul[1] mask" in str(drift[0].message), [str(w.message) for w in caught]
+    assert drift and f"mul[1] {gate}" in str(drift[0].message), [str(w.message) for w in caught]
     assert wrapped.drifts and wrapped.drifts[0].forward == 2 and wrapped.drifts[0].planned_error == 0.0
     assert wrapped.drifts[0].measured_error > 0.5, wrapped.drifts[0]
-    # re-planned on the moved gate: the mask is gone and the gradients are right again
-    assert gate_codec(wrapped) != ["mask"], wrapped.plan
+    # re-planned on the moved gate: the stale codec is gone and the gradients are right again
+    assert gate_codec(wrapped) != [gate], wrapped.plan
     assert wrapped.plan.planned_bytes <= wrapped.plan.budget_bytes
     x, labels = batch(99)
     cosine, rel = compare_gradients(gradients(model, x, labels), gradients(wrapped, x, labels))
     assert rel < 0.02, f"fc's gradient after re-planning: rel err {rel:.3g} (cosine {cosine:.6f})"
 
 
-def test_without_checks_the_drift_goes_unnoticed():
-    """The control: ``check_every=0`` measures nothing, and the stale mask ruins the gradients."""
+@pytest.mark.parametrize("codecs, gate", GATE_PLANS)
+def test_without_checks_the_drift_goes_unnoticed(codecs, gate):
+    """The control: ``check_every=0`` measures nothing, and the stale codec ruins the gradients."""
     torch.manual_seed(0)
     model = ZeroGate()
     x, labels = batch(0)
     wrapped = actcompile(model, budget=0.35, example_inputs=x, check_every=0, compile_codecs=False,
-                         recompute=False)
+                         recompute=False, codecs=codecs)
     with warnings.catch_warnings():
         warnings.simplefilter("error", PlanDriftWarning)
         train(wrapped, model, steps=4)
     assert not wrapped.drifts and wrapped.last_stats.packed_tensors > 0
-    assert gate_codec(wrapped) == ["mask"]
+    assert gate_codec(wrapped) == [gate]
     x, labels = batch(99)
     cosine, rel = compare_gradients(gradients(model, x, labels), gradients(wrapped, x, labels))
     assert rel > 0.5, f"fc's gradient: rel err {rel:.3g} (cosine {cosine:.6f}): the stale plan was expected to hurt"
@@ -133,7 +142,7 @@ def test_a_plan_given_with_use_plan_is_kept_and_the_warning_says_so():
     torch.manual_seed(0)
     model = ZeroGate()
     x, _ = batch(0)
-    plan = explain(model, x, budget=0.3, recompute=False)
+    plan = explain(model, x, budget=0.3, recompute=False, codecs=GATE_PLANS[0].values[0])
     wrapped = actcompile(model, budget=0.3, check_every=2, compile_codecs=False)
     wrapped.use_plan(plan, x)
     with pytest.warns(PlanDriftWarning, match="use_plan"):
