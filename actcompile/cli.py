@@ -180,7 +180,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="an input's shape, e.g. 32x3x224x224 (repeat for several positional inputs)")
     plan.add_argument("--budget", required=True,
                       help="a fraction of the baseline (0.25, 1.0), a size (2GB, 512MiB) or an integer of bytes")
-    plan.add_argument("--codecs", help="codec names joined by commas (int8,mask), or all (default: every built-in float codec)")
+    plan.add_argument("--codecs", help="codec names joined by commas (int8,mask), or all (default: quantizers and mask)")
     plan.add_argument("--dtype", default="float32", help="dtype of random float inputs (default float32)")
     plan.add_argument("--int-input", type=int, metavar="VOCAB", help="inputs are token ids below VOCAB")
     plan.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",

@@ -329,9 +329,11 @@ def _planning_problem(fwd, bwd, num_fwd_outputs: int, config: CompileConfig, rea
     profile = profile_saved(fwd, bwd, num_fwd_outputs)
     candidates, _ = split_candidates(profile, config)
     orders = storage_orders(fwd)
+    # Fixed-rate codecs only: a compiled graph's shapes are fixed when it is traced, and a
+    # variable-rate codec's payload size (DCT's cut, the wavelet's kept coefficients) is the data's.
     choices = {(t.node, 0): [_rows_as_groups(codec, _storage_shape(t.shape, orders.get(t.node)))
                              for codec in codec_choices(t, config)
-                             if getattr(codec, "traceable", True)] for t in candidates}
+                             if codec.fixed_rate and getattr(codec, "traceable", True)] for t in candidates}
     choices = {k: v for k, v in choices.items() if v}
     calibration = calibrate_saved(fwd, num_fwd_outputs, real_inputs, choices)
     return profile, _no_recompute(config), calibration

@@ -54,6 +54,22 @@ def test_quarter_budget_packs_inductors_saved_values(batch):
     assert {p.name for p in be.packed[0]} == {a.node for a in plan.assignments}, "a planned value crossed uncompressed"
 
 
+def test_only_fixed_rate_codecs_go_into_a_compiled_graph(batch):
+    """A traced graph's shapes are fixed; a variable-rate codec's payload size is the data's, so
+    the Inductor back end offers only fixed-rate codecs, whatever ``codecs=`` names."""
+    x, labels = batch
+    from actcompile.errors import BudgetError
+
+    be = actcompile.backend(budget=0.5, codecs=["svd", "dct", "threshold"])   # traced in, they crashed the trace
+    with pytest.raises(BudgetError, match="least"):
+        grads_of(torch.compile(mlp(), backend=be), x, labels)
+    torch._dynamo.reset()
+    be = actcompile.backend(budget=0.5, codecs=["svd", "dct", "threshold", "int8"])
+    grads_of(torch.compile(mlp(), backend=be), x, labels)
+    (plan,) = be.plans
+    assert plan.assignments and {a.codec for a in plan.assignments} == {"int8"}, plan
+
+
 def test_budget_one_changes_nothing(batch):
     x, labels = batch
     model = mlp()
@@ -238,8 +254,7 @@ def test_a_drifted_plan_is_caught_and_the_graph_compiled_again(check_every):
 
     torch.manual_seed(0)
     model = ZeroGate()
-    # the quantizers and the mask (test_drift.py also drifts the default set's capped DCT)
-    be = actcompile.backend(budget=0.35, check_every=check_every, codecs=["int8", "int4", "int2", "fp8", "mask"])
+    be = actcompile.backend(budget=0.35, check_every=check_every)
     compiled = torch.compile(model, backend=be)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     with warnings.catch_warnings(record=True) as caught:

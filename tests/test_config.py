@@ -56,9 +56,7 @@ def test_default_codecs_come_from_registry():
     from actcompile.codecs import available_codecs
 
     config = CompileConfig(budget=parse_budget("1GB"))
-    floats = set(available_codecs()) - {"none", "random", "bits", "pool_offsets", "narrow"}
-    assert {c.name for c in config.codecs} == floats == {"fp8", "int2", "int4", "int8", "mask", "dct", "wavelet",
-                                                         "fft_lowpass", "svd", "hosvd", "threshold"}
+    assert {c.name for c in config.codecs} == {"fp8", "int2", "int4", "int8", "mask"}
     assert get_codec("int8") in config.codecs
     everything = actcompile(__import__("torch").nn.Linear(2, 2), budget="1GB", codecs="all").compile_config.codecs
-    assert {c.name for c in everything} == floats
+    assert {c.name for c in everything} == set(available_codecs()) - {"none", "random", "bits", "pool_offsets", "narrow"}

@@ -58,7 +58,6 @@ class SVDCodec(VariableRate):
     """Rank-k approximation of the (shape[0] × rest) unfolding, stored as two thin factors."""
 
     name: ClassVar[str] = "svd"
-    default_enabled: ClassVar[bool] = True
     copies: ClassVar[float] = 8   # time, see Codec.copies
     fixed_rate: ClassVar[bool] = False
     calibrates_on_slices: ClassVar[bool] = False   # its rank is across the batch: a sample has fewer
@@ -253,7 +252,6 @@ class HOSVDCodec(VariableRate):
     """Tucker decomposition (sequentially truncated HOSVD): a small core and one factor per mode."""
 
     name: ClassVar[str] = "hosvd"
-    default_enabled: ClassVar[bool] = True
     copies: ClassVar[float] = 5   # time, see Codec.copies
     fixed_rate: ClassVar[bool] = False
     calibrates_on_slices: ClassVar[bool] = False   # every mode's rank is part of the code

@@ -86,7 +86,6 @@ class ThresholdCodec(VariableRate):
     """Keep the largest-magnitude entries; positions as a bitmap, values in the input dtype."""
 
     name: ClassVar[str] = "threshold"
-    default_enabled: ClassVar[bool] = True
     copies: ClassVar[float] = 40   # time, see Codec.copies
     fixed_rate: ClassVar[bool] = False
     keep: float | None = None      # fraction of entries kept, when no epsilon is given (default ε 0.1)

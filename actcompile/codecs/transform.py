@@ -179,7 +179,6 @@ class DCTCodec(VariableRate):
     """Blockwise orthonormal DCT of the spatial dims, keeping low-frequency or largest coefficients."""
 
     name: ClassVar[str] = "dct"
-    default_enabled: ClassVar[bool] = True
     copies: ClassVar[float] = 3   # time, see Codec.copies
     fixed_rate: ClassVar[bool] = False
     block: int = 16
@@ -319,7 +318,6 @@ class FFTLowpassCodec(VariableRate):
     """Keep a low-frequency block of the exact-size ``rfft`` over the last two dims."""
 
     name: ClassVar[str] = "fft_lowpass"
-    default_enabled: ClassVar[bool] = True
     copies: ClassVar[float] = 15   # time, see Codec.copies
     fixed_rate: ClassVar[bool] = False
     compress_rate: float | None = None   # fraction of the spectrum cut, when no epsilon is given

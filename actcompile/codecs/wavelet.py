@@ -90,7 +90,6 @@ class WaveletCodec(VariableRate):
     """Multi-level 2-D DWT of the last two dims; the largest coefficients of every band kept."""
 
     name: ClassVar[str] = "wavelet"
-    default_enabled: ClassVar[bool] = True
     copies: ClassVar[float] = 90   # time, see Codec.copies
     fixed_rate: ClassVar[bool] = False
     wave: str = "db3"
