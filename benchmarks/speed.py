@@ -30,6 +30,7 @@ scale); ``compile+actcompile`` (``torch.compile(backend="actcompile")``, the Ind
 
     python benchmarks/speed.py > benchmarks/results/speed.md
     python benchmarks/speed.py --models resnet18_b32 --ways eager actcompile --budgets 0.25   # a subset
+    python benchmarks/speed.py --models mobilenet_v2_b16 --ways actcompile --budgets 0.25 --repeats 5   # a spread
 """
 
 from __future__ import annotations
@@ -268,6 +269,22 @@ def label(way, setting) -> str:
     return f"{way} 1/{round(1 / setting)}"
 
 
+def _median_timing(timings: list[dict]) -> dict:
+    """The timing process whose step ratio is the median of ``timings`` (an error if all failed)."""
+    good = sorted((t for t in timings if "step_ratio" in t), key=lambda t: t["step_ratio"])
+    return good[len(good) // 2] if good else timings[0]
+
+
+def _spread(timings: list[dict], key: str) -> str:
+    """``key`` of one timing process, or of several as ``median (min–max)``; '' if none has it."""
+    values = sorted(t[key] for t in timings if key in t)
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.median(values):.2f} ({values[0]:.2f}–{values[-1]:.2f})"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--one", nargs=4, metavar=("MODEL", "WAY", "SETTING", "WHAT"), help=argparse.SUPPRESS)
@@ -275,6 +292,9 @@ def main(argv=None) -> None:
     parser.add_argument("--ways", nargs="*", default=list(WAYS))
     parser.add_argument("--budgets", nargs="*", type=float, default=list(BUDGETS))
     parser.add_argument("--segments", nargs="*", type=int, default=list(SEGMENTS))
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timing processes per row: step × is then their median (min–max). On this "
+                             "machine one row's ratio moved by ±0.12 between identical processes")
     ns = parser.parse_args(argv)
     if ns.one:
         name, way, setting, what = ns.one
@@ -293,10 +313,11 @@ def main(argv=None) -> None:
                 if "error" in memory:
                     print(f"| {MODELS.get(name, name)} | {label(way, setting)} | {memory['error']} | | | | | |", flush=True)
                     continue
-                timing = run_child(name, way, setting, "time")
-                ratio = f"{timing['step_ratio']:.2f}" if "step_ratio" in timing else timing.get("error", "")
+                timings = [run_child(name, way, setting, "time") for _ in range(max(1, ns.repeats))]
+                timing = timings[0] if len(timings) == 1 else _median_timing(timings)
+                ratio = _spread(timings, "step_ratio") or timing.get("error", "")
                 eager_ms = f"{timing['eager_step_s'] * 1e3:.0f}" if "eager_step_s" in timing else ""
-                versus_compile = f"{timing['compile_ratio']:.2f}" if "compile_ratio" in timing else ""
+                versus_compile = _spread(timings, "compile_ratio")
                 print(f"| {MODELS.get(name, name)} | {label(way, setting)} | {memory['activation_bytes'] / 1e6:.2f} "
                       f"| {memory['peak_bytes'] / 1e6:.1f} | {memory['grad_cosine']:.5f} | {ratio} | {eager_ms} "
                       f"| {versus_compile} |",
