@@ -195,6 +195,9 @@ class Skip:
     reason: SkipReason
     detail: str = ""
     nbytes: int = 0
+    # SHARED: the storage's other (node, ordinal) saves in this graph. An earlier graph may have
+    # packed it, so every save of it must run under the pack hook (passes/emit.py marks them).
+    saved_by: tuple[tuple[str, int], ...] = ()
 
 
 RECOMPUTE = "recompute"   # Assignment.codec of a node re-run in backward instead of saving its internals
@@ -328,7 +331,8 @@ class Plan:
                    assignments=tuple(assignment(a) for a in r["assignments"]))
             for r in data["regions"]
         )
-        skipped = tuple(Skip(**dict(s, reason=SkipReason(s["reason"]))) for s in data["skipped"])
+        skipped = tuple(Skip(**dict(s, reason=SkipReason(s["reason"]), saved_by=tuples(s.get("saved_by", []))))
+                        for s in data["skipped"])
         return cls(budget_bytes=data["budget_bytes"], baseline_bytes=data["baseline_bytes"],
                    regions=regions, skipped=skipped, node_order=tuple(data.get("node_order", ())))
 

@@ -301,6 +301,17 @@ class Recomputed:
 
     def __call__(self, *args, **kwargs):
         session = _session()
+        if session is None or not torch.is_grad_enabled():
+            return self._call(session, args, kwargs)
+        # checkpoint saves its tensor arguments through the saved-tensor hooks: under the
+        # session's, an argument an earlier node packed is kept in that packed form, not whole
+        torch._C._autograd._push_saved_tensors_default_hooks(session.pack, _unpack)
+        try:
+            return self._call(session, args, kwargs)
+        finally:
+            torch._C._autograd._pop_saved_tensors_default_hooks()
+
+    def _call(self, session, args, kwargs):
         packed = self.packed if session is not None else ()
         if not (self.held or packed) or not torch.is_grad_enabled():
             return recompute(self.fn, *args, **kwargs)

@@ -148,7 +148,8 @@ def emit_regions(gm: torch.fx.GraphModule, plan: Plan, compile_codecs: bool = Fa
     # saves of it (same shape or a view), and saves an earlier graph of the forward may have packed.
     savers = [name for a in plan.assignments if a.codec != RECOMPUTE
               for name in (a.node, *(n for n, _ in a.saved_by), *(n for n, _ in a.viewed_by))]
-    savers += [s.node for s in plan.skipped if s.reason is SkipReason.SHARED]
+    savers += [name for s in plan.skipped if s.reason is SkipReason.SHARED
+               for name in (s.node, *(n for n, _ in s.saved_by))]
     for name in dict.fromkeys(name for name in savers if name in nodes):
         node = nodes[name]
         with graph.inserting_before(node):

@@ -149,7 +149,11 @@ def split_candidates(profile: MemoryProfile, config: CompileConfig) -> tuple[lis
     """The saved tensors a plan may compress, and a Skip for every other one."""
     candidates, skips = [], []
     for t in profile.tensors:
-        if t.kind in _KIND_REASON:
+        if t.kind is TensorKind.SHARED:   # each save of it must see the hooks: an earlier graph may pack it
+            others = tuple((e.node, e.ordinal) for e in profile.events
+                           if e.storage == t.index and (e.node, e.ordinal) != (t.node, t.ordinal))
+            skips.append(Skip(t.node, t.ordinal, SkipReason.SHARED, t.kind.value, t.nbytes, others))
+        elif t.kind in _KIND_REASON:
             skips.append(Skip(t.node, t.ordinal, _KIND_REASON[t.kind], t.kind.value, t.nbytes))
         elif not getattr(torch, t.dtype).is_floating_point and not integer_codecs(t, config):
             skips.append(Skip(t.node, t.ordinal, SkipReason.NOT_FLOAT, t.dtype, t.nbytes))

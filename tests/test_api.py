@@ -9,6 +9,7 @@ from torch import nn
 
 from actcompile import BudgetError, CodecError, ModelPlan, actcompile, explain
 from actcompile import runtime
+from actcompile.codecs import get_codec
 from actcompile.zoo import build
 
 
@@ -148,6 +149,64 @@ def test_only_the_nodes_the_plan_names_reach_the_pack_hook_and_a_view_save_reuse
     assert 32 * 64 * 32 * 4 in outer, "the input's save (an unmarked node) reaches the outer hooks"
     out.sum().backward()
     assert model.scale.grad is not None and model.proj.weight.grad is not None
+
+
+class _SharedTwice(nn.Module):
+    """``h`` is made and packed before a graph break, then saved twice by the graph after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(32, 64)
+        self.s1, self.s2, self.s3 = (nn.Parameter(torch.ones(64)) for _ in range(3))
+
+    def forward(self, x):
+        h = self.proj(x)
+        a = h * self.s1
+        torch._dynamo.graph_break()
+        return (a + h * self.s2 + h * self.s3).sum()
+
+
+def _saves_reaching(hook_bytes: int, call) -> int:
+    """How many saves of a storage of ``hook_bytes`` bytes reach autograd whole (outer hooks)."""
+    seen = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t.untyped_storage().nbytes()) or t,
+                                                  lambda t: t):
+        call()
+    return seen.count(hook_bytes)
+
+
+def test_every_save_of_a_storage_an_earlier_graph_packed_holds_the_packed_form():
+    """The graph after a break saves ``h`` twice; both saves are marked (``Skip.saved_by`` of its
+    SHARED skip), so neither keeps the storage the first graph packed whole."""
+    torch.manual_seed(0)
+    model, x = _SharedTwice(), torch.randn(64, 64, 32)
+    compiled = actcompile(model, budget=0.3, example_inputs=x, recompute=False, codecs=["int8"])
+    shared = [s for s in compiled.plan.skipped if s.reason.name == "SHARED"]
+    assert len(shared) == 1 and shared[0].saved_by, compiled.plan
+    assert _saves_reaching(64 * 64 * 64 * 4, lambda: compiled(x)) == 0
+    assert compiled.last_stats.raw_bytes_replaced == 64 * 64 * 64 * 4
+
+
+def test_a_recomputed_run_reading_a_packed_storage_keeps_it_packed():
+    """checkpoint saves a recomputed run's arguments through the saved-tensor hooks: the session's
+    hooks are on around it, so an argument an earlier node packed stays packed."""
+    table = {("sin", 0): runtime.Planned(get_codec("int8"), (256, 256), torch.float32)}
+    x = torch.randn(256, 256, requires_grad=True)
+
+    def forward():
+        with runtime.compressing(table) as stats:
+            h = x * 2
+            runtime.begin_node("sin")
+            y = h.sin()
+            runtime.end_node()
+            z = runtime.Recomputed(torch.cos)(h)
+        assert stats.packed_tensors == 1
+        forward.out = y.sum() + z.sum()
+
+    assert _saves_reaching(256 * 256 * 4, forward) == 0
+    forward.out.backward()
+    want = 2 * (torch.cos(2 * x) - torch.sin(2 * x)).detach()
+    assert ((x.grad - want).norm() / want.norm()).item() < 0.02   # both uses read h as int8 keeps it
 
 
 def test_deepcopy_and_pickle_roundtrip():
