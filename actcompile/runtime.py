@@ -85,10 +85,10 @@ class _PackedStorage:
     per op with the copies alive together.
     """
 
-    __slots__ = ("codec", "payload", "size", "stride", "decoded", "__weakref__")
+    __slots__ = ("codec", "payload", "size", "stride", "dtype", "decoded", "__weakref__")
 
-    def __init__(self, codec, payload, size, stride):
-        self.codec, self.payload, self.size, self.stride = codec, payload, size, stride
+    def __init__(self, codec, payload, size, stride, dtype):
+        self.codec, self.payload, self.size, self.stride, self.dtype = codec, payload, size, stride, dtype
         self.decoded = None   # weak reference to the live decoded tensor, if any
 
     def base(self) -> torch.Tensor:
@@ -143,8 +143,11 @@ class _Session:
             planned = self.table.get((self.node, self.ordinal))
             self.ordinal += 1
         holder = known[1]() if known is not None and not known[0].expired() else None
-        if holder is not None:
+        if holder is not None and holder.dtype == t.dtype:
             return (holder, tuple(t.shape), t.stride(), t.storage_offset())
+        if holder is not None:   # its bits read as another dtype: only the exact bytes will do
+            self.stats.guard_failures += 1
+            planned = None
         if planned is not None and (tuple(t.shape) != planned.shape or t.dtype != planned.dtype):
             self.stats.guard_failures += 1
             planned = None
@@ -164,7 +167,7 @@ class _Session:
         payload = codec.pack(whole)
         if self.measure:   # a drift check: does the codec still do on this tensor what was planned?
             self._check(eager, codec, whole, payload)
-        holder = _PackedStorage(codec, payload, tuple(whole.shape), whole.stride())
+        holder = _PackedStorage(codec, payload, tuple(whole.shape), whole.stride(), whole.dtype)
         self.packed[key.cdata] = (key, weakref.ref(holder))
         self.stats.packed_tensors += 1
         self.stats.packed_bytes += getattr(codec, "payload_bytes", None) or packed_bytes(payload)

@@ -209,6 +209,39 @@ def test_a_recomputed_run_reading_a_packed_storage_keeps_it_packed():
     assert ((x.grad - want).norm() / want.norm()).item() < 0.02   # both uses read h as int8 keeps it
 
 
+class _SavedAsAnotherDtype(nn.Module):
+    """``h`` is saved as it is by ``mul`` and, its bytes read as float16, by a second ``mul``."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(32, 64)
+        self.s = nn.Parameter(torch.ones(64))
+        self.w16 = nn.Parameter(torch.ones(128, dtype=torch.float16))
+
+    def forward(self, x):
+        h = self.proj(x)
+        scaled = h * self.s
+        bits = h.view(torch.float16) * self.w16
+        return scaled.sum() + bits.float().nan_to_num().clamp(-1e3, 1e3).sum()
+
+
+def test_a_save_reading_a_packed_storage_as_another_dtype_gets_its_exact_bytes():
+    """A packed form decodes values, not bits: a save of the storage's bytes as another dtype is
+    kept as it is (a guard failure), so its gradient is the uncompressed model's, bit for bit
+    (the decoded float32 cut as float16 sizes used to raise in backward)."""
+    torch.manual_seed(0)
+    model, x = _SavedAsAnotherDtype(), torch.randn(64, 64, 32) * 0.01
+    model(x).backward()
+    reference = model.w16.grad.clone()
+    model.zero_grad()
+    compiled = actcompile(model, budget=0.6, example_inputs=x, recompute=False, codecs=["int8"])
+    assert any(a.viewed_by for a in compiled.plan.assignments), compiled.plan
+    with pytest.warns(RuntimeWarning, match="1 saved tensor.* differed from the plan"):
+        compiled(x).backward()
+    assert compiled.last_stats.guard_failures == 1
+    assert torch.allclose(model.w16.grad, reference, rtol=0, atol=0, equal_nan=True)
+
+
 def test_deepcopy_and_pickle_roundtrip():
     model, x = small_cnn()
     compiled = actcompile(model, budget=0.25, example_inputs=x)
