@@ -3,10 +3,10 @@
 The emitted graph brackets every node that saves a planned tensor (or another view of a storage
 the plan packs) with :func:`begin_node` / :func:`end_node`; while :func:`compressing` is active,
 those markers install autograd's pack/unpack hooks for that node alone, and the pack hook counts
-the node's saves and looks up ``(node, ordinal)`` in the plan's table. Every other save never
-reaches Python: on MobileNetV2 the 453 saves a 1/4 plan leaves alone cost ~7 ms a step through
-whole-forward hooks (pack and unpack, ~8 µs each). A storage saved by several ops is packed once:
-later saves get the same packed object (and their own view).
+the node's saves and looks up ``(node, ordinal)`` in the plan's table. Every other save goes
+straight to autograd, with its own in-place check (measured: no step-time change on ViT-small at
+1/4, benchmarks/results/speed.md run 13). A storage saved by several ops is packed once: later
+saves get the same packed object (and their own view).
 A saved tensor whose shape or dtype differs from the plan is kept as it is and counted in
 ``guard_failures``: never a wrong codec (Dynamo's guards make this rare: a graph is captured
 for one set of shapes). Saves the plan does not pack go to the saved-tensor hooks that were
@@ -132,7 +132,16 @@ class _Session:
         # (GPT-2-small at 1/4: backward peak 421.8 MB against uncompressed eager's 359.2).
         self.packed: dict[int, tuple[StorageWeakRef, weakref.ref]] = {} if packed is None else packed
         self.stats = RuntimeStats()
-        self.hooked = 0   # hooks begin_node installed that end_node has not removed yet
+        self.hooked = 0   # hooks installed (push_hooks) and not removed yet
+
+    def push_hooks(self) -> None:
+        """Send the saves made from now on through :meth:`pack` (until :meth:`pop_hooks`)."""
+        torch._C._autograd._push_saved_tensors_default_hooks(self.pack, _unpack)
+        self.hooked += 1
+
+    def pop_hooks(self) -> None:
+        torch._C._autograd._pop_saved_tensors_default_hooks()
+        self.hooked -= 1
 
     def pack(self, t: torch.Tensor):
         storage = t.untyped_storage()
@@ -258,8 +267,7 @@ def begin_node(name: str) -> None:
     session = _session()
     if session is not None:
         session.node, session.ordinal = name, 0
-        torch._C._autograd._push_saved_tensors_default_hooks(session.pack, _unpack)
-        session.hooked += 1
+        session.push_hooks()
 
 
 def end_node() -> None:
@@ -267,8 +275,7 @@ def end_node() -> None:
     session = _session()
     if session is not None and session.hooked:
         session.node = None
-        torch._C._autograd._pop_saved_tensors_default_hooks()
-        session.hooked -= 1
+        session.pop_hooks()
 
 
 def recompute(fn, *args, **kwargs):
@@ -308,11 +315,11 @@ class Recomputed:
             return self._call(session, args, kwargs)
         # checkpoint saves its tensor arguments through the saved-tensor hooks: under the
         # session's, an argument an earlier node packed is kept in that packed form, not whole
-        torch._C._autograd._push_saved_tensors_default_hooks(session.pack, _unpack)
+        session.push_hooks()
         try:
             return self._call(session, args, kwargs)
         finally:
-            torch._C._autograd._pop_saved_tensors_default_hooks()
+            session.pop_hooks()
 
     def _call(self, session, args, kwargs):
         packed = self.packed if session is not None else ()
@@ -399,8 +406,8 @@ def compressing(table: dict, measure: bool = False):
     try:
         yield session.stats
     finally:
-        for _ in range(session.hooked):
-            torch._C._autograd._pop_saved_tensors_default_hooks()
+        while session.hooked:
+            session.pop_hooks()
         _active.session = None
 
 

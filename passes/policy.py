@@ -46,7 +46,7 @@ from actcompile.config import CompileConfig
 from actcompile.errors import BudgetError
 from actcompile.plan import (RECOMPUTE, Assignment, MemoryProfile, Plan, Region, SavedTensor, Skip, SkipReason,
                              format_bytes)
-from actcompile.passes.rules import exact_for_use, reads_sign, split_candidates
+from actcompile.passes.rules import exact_for_use, others_of, reads_sign, saves_by_storage, split_candidates
 from actcompile.passes.segments import Segment, find_segments
 from actcompile.passes.solvers import Option, choose_options, choose_options_within, merge_items, smallest_total
 
@@ -261,9 +261,7 @@ class _GraphProblem:
                                                    ("packed", packed)),
                                           epsilon=None, bytes_before=before, bytes_after=g.held_bytes - crossing,
                                           error=0.0))   # the crossing storages stay in the baseline
-        events: dict[int, list] = {}   # storage -> its saves
-        for e in self.profile.events:
-            events.setdefault(e.storage, []).append(e)
+        events = saves_by_storage(self.profile)   # storage -> its saves
         for k in sorted(picks):
             t, opts = self.candidates[k], self.per_tensor[k]
             codec, error, nbytes = opts[picks[k]]
@@ -274,7 +272,7 @@ class _GraphProblem:
             if not codec.fixed_rate and getattr(codec, "max_bytes", 0) is None:
                 # another batch may need more bytes for the same ε: cap it at what was planned
                 codec = dataclasses.replace(codec, max_bytes=nbytes)
-            others = [e for e in events.get(t.index, ()) if (e.node, e.ordinal) != (t.node, t.ordinal)]
+            others = others_of(events, t)
             saved_by = tuple((e.node, e.ordinal) for e in others if e.shape == t.shape)
             viewed_by = tuple((e.node, e.ordinal) for e in others if e.shape != t.shape)
             assignments.append(Assignment(node=t.node, ordinal=t.ordinal, codec=codec.name,

@@ -145,13 +145,26 @@ def recompute_kind(node: torch.fx.Node) -> str:
     return "in-place" if writes_first else "yes"
 
 
+def saves_by_storage(profile: MemoryProfile) -> dict[int, list]:
+    """``{storage index: its save events}``; :func:`others_of` reads a tensor's other saves from it."""
+    events: dict[int, list] = {}
+    for e in profile.events:
+        events.setdefault(e.storage, []).append(e)
+    return events
+
+
+def others_of(events: dict[int, list], t: SavedTensor) -> list:
+    """The saves of ``t``'s storage other than ``t``'s own (every one must run under the pack hook)."""
+    return [e for e in events.get(t.index, ()) if (e.node, e.ordinal) != (t.node, t.ordinal)]
+
+
 def split_candidates(profile: MemoryProfile, config: CompileConfig) -> tuple[list[SavedTensor], list[Skip]]:
     """The saved tensors a plan may compress, and a Skip for every other one."""
     candidates, skips = [], []
+    events = saves_by_storage(profile)
     for t in profile.tensors:
         if t.kind is TensorKind.SHARED:   # each save of it must see the hooks: an earlier graph may pack it
-            others = tuple((e.node, e.ordinal) for e in profile.events
-                           if e.storage == t.index and (e.node, e.ordinal) != (t.node, t.ordinal))
+            others = tuple((e.node, e.ordinal) for e in others_of(events, t))
             skips.append(Skip(t.node, t.ordinal, SkipReason.SHARED, t.kind.value, t.nbytes, others))
         elif t.kind in _KIND_REASON:
             skips.append(Skip(t.node, t.ordinal, _KIND_REASON[t.kind], t.kind.value, t.nbytes))
