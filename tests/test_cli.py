@@ -34,6 +34,23 @@ def test_plan_prints_the_table_and_measured_bytes_under_the_budget(tmp_path):
     assert budget == plan.budget_bytes and 0 < kept <= budget, run.stdout
 
 
+def test_demo_the_readme_main_job_trains_both_and_meets_its_budget():
+    """``actcompile demo`` (README's main job), one short epoch, eager back end: exit 0 only if the
+    heap kept ≤ the budget; it prints the plan, both runs' loss and accuracy, and the kept bytes
+    at about a quarter of the uncompressed ones."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}   # it re-executes itself
+    run = subprocess.run([sys.executable, "-m", "actcompile.cli", "demo", "--epochs", "1", "--batch", "128",
+                          "--eager-only"], capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "budget met" in run.stdout and "before → after" in run.stdout
+    found = re.search(r"uncompressed (\S+ \S+), actcompile (\S+ \S+) \(([\d.]+)%\)", run.stdout)
+    assert found, run.stdout
+    assert 10.0 < float(found[3]) <= 26.0, found[0]   # 1/4 of the baseline, which is within 2% of the heap
+    assert len(re.findall(r"held-out accuracy [\d.]+%", run.stdout)) == 2, run.stdout
+    losses = [float(v) for v in re.findall(r"final loss ([\d.]+)", run.stdout)]
+    assert len(losses) == 2 and max(losses) < 1.2, losses   # both learn (chance: ln 10 = 2.30)
+
+
 @pytest.mark.parametrize("argv, says", [
     (["plan", "torchvision.models", "--input", "2x3x32x32", "--budget", "0.5"], "package.module:factory"),
     (["plan", "no_such_module_here:make", "--input", "2x3", "--budget", "0.5"], "cannot import module"),
