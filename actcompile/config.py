@@ -153,7 +153,8 @@ class CompileConfig:
     int8's ~0.005 beats recomputing, and recomputing beats int4's ~0.05). A recomputation's time is
     predicted from FLOPs (``torch.utils.flop_counter``) at ``flops_per_second`` plus the bytes each
     op writes and reads back at ``bytes_per_second``; a codec's pack + unpack as copies of its
-    tensor at ``bytes_per_second`` (measured: ~2 compiled, ~12 eager, ~5 for the transform codecs);
+    tensor at ``bytes_per_second`` (each codec's measured ``copies``: the quantizers ~2 compiled and
+    ~12 eager, DCT ~3 up to the wavelet's ~90; ``benchmarks/results/codecs.md``);
     only the ratio of the two rates matters (a CPU's ~10 FLOPs per byte).
     ``budget_scope``: ``"activations"`` (default) bounds what the forward leaves alive (DESIGN.md's
     activation bytes); ``"peak"`` bounds the whole step's high-water mark over forward and
