@@ -222,13 +222,15 @@ def find_drifts(plan: Plan, measured: dict, tolerance: float, forward: int, grap
     """The assignments of ``plan`` whose ``measured`` error (by ``(node, ordinal)``) left
     ``tolerance`` × the planned one (+ :data:`~actcompile.config.DRIFT_SLACK`); both back ends.
 
-    A codec exact by its use (a ReLU's mask) is right whatever the values: not checked.
+    A codec exact by its use (a ReLU's mask) is right whatever the values: not checked. Nor is a
+    recomputed run: its assignment is named after the run's first node, whose own save may be
+    packed by a codec under the same ``(node, ordinal)`` (a run reading a packed boundary value).
     """
     found = []
     for a in plan.assignments:
         got = measured.get((a.node, a.ordinal))
         # exact by use: the flag, or (plans written before it) the mask variant exact_for makes
-        if got is None or a.exact_by_use or dict(a.options).get("predicate_only"):
+        if got is None or a.codec == RECOMPUTE or a.exact_by_use or dict(a.options).get("predicate_only"):
             continue
         if not got <= tolerance * a.error + DRIFT_SLACK:   # NaN drifts too
             found.append(Drift(forward, graph, a.node, a.ordinal, a.codec, a.error, got))

@@ -127,12 +127,18 @@ def cosine(a: dict, b: dict) -> float:
 
 
 CONSTRUCTS = ["function", "no_grad", "autocast", "checkpoint", "hooks", "branch", "attribute", "inplace"]
+# GradReverse holds its input whole until backward (Dynamo keeps a custom Function's saves out of
+# the saved-tensor hooks, so no codec or recomputation frees it): 29% of that model's bytes are
+# fixed, 65% without a lossy codec. Its lossy and recompute-only rows use these budgets instead.
+FUNCTION_BUDGET = {"lossy": 0.35, "recompute": 0.7}
 
 
 @pytest.mark.parametrize("construct", CONSTRUCTS)
 @pytest.mark.parametrize("budget", [1.0, 0.25])
 def test_construct_behaves_as_without_actcompile(construct, budget):
     model, x, labels = make(construct)
+    if construct == "function" and budget < 1.0:
+        budget = FUNCTION_BUDGET["lossy"]
     compiled = actcompile(model, budget=budget, example_inputs=x)
     if construct == "attribute":
         model.temperature = 3.0          # read in forward after planning: never stale
@@ -146,9 +152,9 @@ def test_construct_behaves_as_without_actcompile(construct, budget):
         for name in ref:
             assert torch.equal(got[name], ref[name]), f"{construct}: gradient of {name} differs at budget 1.0"
     else:
-        assert compiled.last_stats.packed_tensors > 0, f"{construct}: nothing was compressed at 1/4"
+        assert compiled.last_stats.packed_tensors > 0, f"{construct}: nothing was compressed at {budget}"
         c = cosine(ref, got)
-        assert c > 0.99, f"{construct}: gradient cosine {c:.5f} at budget 1/4"
+        assert c > 0.99, f"{construct}: gradient cosine {c:.5f} at budget {budget}"
     assert set(got) == set(ref)
     if construct == "no_grad":
         assert model.teacher.lin.weight.grad is None, "the frozen teacher got gradients"
@@ -160,7 +166,8 @@ def test_construct_behaves_as_without_actcompile_when_segments_are_recomputed(co
     (The others' fixed bytes — a teacher's output, a checkpoint's input, the branch — leave no plan
     at 1/2 without a codec.)"""
     model, x, labels = make(construct)
-    compiled = actcompile(model, budget=0.5, example_inputs=x, codecs=["none"])
+    budget = FUNCTION_BUDGET["recompute"] if construct == "function" else 0.5
+    compiled = actcompile(model, budget=budget, example_inputs=x, codecs=["none"])
     assert [a for a in compiled.plan.assignments if a.codec == "recompute"], str(compiled.plan)
     if construct == "attribute":
         model.temperature = 3.0
@@ -176,7 +183,7 @@ def test_construct_behaves_as_without_actcompile_when_segments_are_recomputed(co
 def test_custom_function_keeps_its_own_backward():
     """The reversal must survive: the gradient of ``a`` is the negation of the plain autograd one."""
     model, x, labels = make("function")
-    _, reversed_grads = step(actcompile(model, budget=0.25, example_inputs=x), x, labels)
+    _, reversed_grads = step(actcompile(model, budget=FUNCTION_BUDGET["lossy"], example_inputs=x), x, labels)
     plain = copy.deepcopy(model)
     plain.construct = "none"
     _, plain_grads = step(plain, x, labels)
