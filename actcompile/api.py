@@ -519,8 +519,9 @@ class ActCompiledModule(nn.Module):
         else:
             plan = self._plans[key]
             sections = tuple(Section(r.name, self._graphs[r].plan) for r in self._ran)
-            if sections != plan.sections:
+            if sections != plan.sections:   # a graph planned late (Dynamo recompiled): measure its heap too
                 self._plans[key] = dataclasses.replace(plan, sections=sections)
+                self._heap_passes.pop(key, None)
         if self._stats.guard_failures:
             warnings.warn(f"actcompile: {self._stats.guard_failures} saved tensor(s) differed from the plan; "
                           "they were kept uncompressed", RuntimeWarning, stacklevel=2)

@@ -147,7 +147,9 @@ def record_saves(gm: torch.fx.GraphModule, flat_inputs: list, on_save, *, fake: 
         out = torch.func.functional_call(_Runner(recorder), {f"gm.{k}": v for k, v in state.items()},
                                          tuple(flat_inputs), strict=False, tie_weights=True)
         held = {}
-        holders, nodes, unhooked = _saving_nodes(out)
+        # an earlier graph's autograd nodes (reached through real inputs) are not this graph's
+        earlier = {x.grad_fn for x in flat_inputs if isinstance(x, torch.Tensor) and x.grad_fn is not None}
+        holders, nodes, unhooked = _saving_nodes(out, earlier)
         kept = [t for i, t in enumerate(tree_leaves(out)) if i in returned] + unhooked
         for t in kept:
             if isinstance(t, torch.Tensor) and kind_of(t) is TensorKind.ACTIVATION:
@@ -168,8 +170,9 @@ def _token_unpack(token):
     return torch.empty(token[1], device="meta")   # the shape, for formulas that need it (pool offsets)
 
 
-def _saving_nodes(out) -> tuple[dict[int, Use], int, list[torch.Tensor]]:
-    """Walk the autograd graph from ``out``: which autograd node holds each save token.
+def _saving_nodes(out, stop=frozenset()) -> tuple[dict[int, Use], int, list[torch.Tensor]]:
+    """Walk the autograd graph from ``out``, up to the nodes in ``stop`` (where the graph's
+    inputs were made): which autograd node holds each save token.
 
     Reading a node's ``_saved_*`` attributes runs the unpack hook on its tokens, which tells
     exactly which backward formula reads each saved tensor (``ReluBackward0`` reads only the
@@ -184,7 +187,7 @@ def _saving_nodes(out) -> tuple[dict[int, Use], int, list[torch.Tensor]]:
     seen, stack = set(), list(roots)
     while stack:
         fn = stack.pop()
-        if fn is None or fn in seen:
+        if fn is None or fn in seen or fn in stop:
             continue
         seen.add(fn)
         _unpacked.tokens = []

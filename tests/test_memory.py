@@ -278,6 +278,42 @@ def test_the_heap_is_no_longer_measured_once_a_plan_met_its_budget_three_checks_
     assert max(drift_checked) > 8, drift_checked   # the codecs' own checks go on
 
 
+def test_a_graph_dynamo_recompiles_under_a_trusted_signature_has_its_heap_measured_again(monkeypatch):
+    import pytest
+
+    import actcompile.api as api
+    from actcompile import actcompile
+    from actcompile.measure import heap_measurable
+
+    if not heap_measurable():
+        pytest.skip("needs glibc's mallinfo2 to measure the heap")
+
+    class Deepening(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.deep = False
+            self.body = nn.Sequential(*(m for _ in range(4) for m in (nn.Linear(256, 256), nn.Tanh())))
+            self.extra = nn.Sequential(*(m for _ in range(4) for m in (nn.Linear(256, 256), nn.Tanh())))
+
+        def forward(self, x):
+            h = self.body(x)
+            return self.extra(h) if self.deep else h   # a guard on self.deep: same signature, new graph
+
+    readings, read = [], api.heap_in_use
+    monkeypatch.setattr(api, "heap_in_use", lambda: (readings.append(1), read())[1])
+    torch.manual_seed(0)
+    model, x = Deepening(), torch.randn(256, 256)
+    compiled = actcompile(model, budget=0.5, example_inputs=x, recompute=False, check_every=2)
+    checked = []
+    for n in range(1, 25):
+        model.deep = n >= 11
+        before = len(readings)
+        compiled(x).pow(2).mean().backward()
+        if len(readings) > before:
+            checked.append(n)
+    assert checked[:3] == [4, 6, 8] and any(n > 11 for n in checked), checked
+
+
 def test_the_heap_check_keeps_a_plan_it_cannot_improve_and_leaves_budget_one_alone():
     import warnings
 
@@ -360,3 +396,28 @@ def test_what_a_custom_function_saves_is_counted_and_never_assumed_freed():
         net(x).sum().backward()
     cosine = F.cosine_similarity(model.a[0].weight.grad.flatten(), reference.a[0].weight.grad.flatten(), dim=0)
     assert cosine > 0.99, f"trunk gradient cosine {cosine:.4f}"
+
+
+class _ReversedThenBreak(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(64, 256), nn.Linear(256, 256), nn.Linear(256, 10)
+
+    def forward(self, x):
+        h = self.b(_GradReverse.apply(torch.tanh(self.a(x))))   # graph 1: the Function holds tanh's output
+        torch._dynamo.graph_break()
+        return self.c(torch.relu(h))                              # graph 2: no Function
+
+
+def test_a_later_graph_does_not_count_what_an_earlier_graphs_function_holds():
+    """Profiled on real tensors, a graph's inputs lead back into the earlier graph's autograd
+    nodes: what that graph's Function holds was counted there, and must not be again here."""
+    torch.manual_seed(0)
+    graphs = capture_graphs(_ReversedThenBreak(), torch.randn(256, 64))
+    assert len(graphs) == 2
+    fake, real = (profile_memory(graphs[1], mode=mode) for mode in ("fake", "real"))
+    assert real.output_bytes == fake.output_bytes and real.baseline_bytes == fake.baseline_bytes, (
+        f"real {real.output_bytes}/{real.baseline_bytes} B, fake {fake.output_bytes}/{fake.baseline_bytes} B")
+    first = profile_memory(graphs[0], mode="real")
+    held = [t for t in first.tensors if t.kind is TensorKind.OUTPUT]
+    assert sum(t.nbytes for t in held) >= 256 * 256 * 4, "graph 1 must hold what its Function saved"
