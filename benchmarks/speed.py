@@ -17,7 +17,9 @@ For each model and way of training it, one fresh process measures (``--one``, ru
   the eager back end, steady-state steps, after its early drift checks (``warmup_steps``);
 - **step × compile** (the ``compile+…`` ways): the same over plain ``torch.compile``'s step,
   timed interleaved with them in the same process (across processes the plain compiled step
-  moved from 1.11× to 1.29× eager on this machine).
+  moved from 1.11× to 1.29× eager on this machine);
+- **cosine vs eager actcompile** (``compile+actcompile``): gradient cosine against the eager
+  back end at the same budget fraction, same batch and seed.
 
 Ways: ``eager``; ``actcompile`` (eager back end, compiled codec kernels) at 1/2, 1/4, 1/8 of
 the planned activation bytes; ``checkpoint`` (``torch.utils.checkpoint.checkpoint_sequential``
@@ -204,6 +206,11 @@ def measure_one(name: str, way: str, setting, what: str) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     step(model, params, inputs, loss)
     reference = [p.grad.detach().clone() for p in params]
+    eager_twin = None
+    if what == "memory" and way == "compile+actcompile":   # the eager back end at the same budget
+        import copy
+
+        eager_twin = copy.deepcopy(model)
     trained, context = configure(way, setting, model, inputs)
     plain = None
     if what == "time" and way.startswith("compile+"):   # plain torch.compile, timed alongside
@@ -224,6 +231,9 @@ def measure_one(name: str, way: str, setting, what: str) -> dict:
             result.update(measure_memory(trained, params, inputs, loss))
             if hasattr(trained, "plan"):
                 result["budget_bytes"] = trained.plan.budget_bytes
+            if eager_twin is not None:
+                result["cosine_vs_eager_actcompile"] = _cosine_vs_eager_actcompile(eager_twin, setting, inputs,
+                                                                                     loss, got)
         else:
             runs = [("eager", model, params), (way, trained, params)] + ([("compile", *plain)] if plain else [])
             times = {label: [] for label, _, _ in runs}
@@ -237,6 +247,20 @@ def measure_one(name: str, way: str, setting, what: str) -> dict:
             if plain:
                 result["compile_ratio"] = statistics.median(times[way]) / statistics.median(times["compile"])
     return result
+
+
+def _cosine_vs_eager_actcompile(model, setting, inputs, loss, got: torch.Tensor) -> float:
+    """Gradient cosine of the compiled back end's step (``got``) against the eager back end's at
+    the same budget fraction. Each back end plans its own graph (Inductor's saved values are not
+    eager autograd's), so "the same plan" is the same budget, each against its own baseline."""
+    from actcompile import actcompile
+
+    twin = actcompile(model, budget=setting, example_inputs=inputs)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for _ in range(2):
+        step(twin, params, inputs, loss)
+    eager = torch.cat([p.grad.flatten() for p in params]).double()
+    return F.cosine_similarity(got, eager, dim=0).item()
 
 
 # -- the table (parent process) -------------------------------------------------------------
@@ -304,23 +328,26 @@ def main(argv=None) -> None:
     print(f"Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`".rstrip() + "  ")
     print(f"Date: {datetime.date.today().isoformat()}  ")
     print(f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU\n")
-    print("| model | way | activation MB | peak MB | grad cosine | step × | eager step ms | step × compile |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | way | activation MB | peak MB | grad cosine | step × | eager step ms | step × compile "
+          "| cosine vs eager actcompile |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in ns.models:
         for way in ns.ways:
             for setting in settings(way, ns):
                 memory = run_child(name, way, setting, "memory")
                 if "error" in memory:
-                    print(f"| {MODELS.get(name, name)} | {label(way, setting)} | {memory['error']} | | | | | |", flush=True)
+                    print(f"| {MODELS.get(name, name)} | {label(way, setting)} | {memory['error']} | | | | | | |", flush=True)
                     continue
                 timings = [run_child(name, way, setting, "time") for _ in range(max(1, ns.repeats))]
                 timing = timings[0] if len(timings) == 1 else _median_timing(timings)
                 ratio = _spread(timings, "step_ratio") or timing.get("error", "")
                 eager_ms = f"{timing['eager_step_s'] * 1e3:.0f}" if "eager_step_s" in timing else ""
                 versus_compile = _spread(timings, "compile_ratio")
+                versus_eager = memory.get("cosine_vs_eager_actcompile")
+                versus_eager = "" if versus_eager is None else f"{versus_eager:.5f}"
                 print(f"| {MODELS.get(name, name)} | {label(way, setting)} | {memory['activation_bytes'] / 1e6:.2f} "
                       f"| {memory['peak_bytes'] / 1e6:.1f} | {memory['grad_cosine']:.5f} | {ratio} | {eager_ms} "
-                      f"| {versus_compile} |",
+                      f"| {versus_compile} | {versus_eager} |",
                       flush=True)
 
 
