@@ -51,6 +51,7 @@ import weakref
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from actcompile.codecs import get_codec
 from actcompile.config import DRIFT_SLACK, Budget, CompileConfig, default_codecs, parse_budget
@@ -430,14 +431,21 @@ class ActCompiledModule(nn.Module):
         return True
 
     def _plan_late(self, runner: GraphRunner, flat_inputs: list) -> _GraphState:
-        """A graph Dynamo captured outside planning (a guard failed): plan it now, at the budget's ratio."""
+        """A graph Dynamo captured outside planning (a guard failed): plan it now, at the budget's ratio.
+
+        What the forward will hand its caller is not known yet (the graph runs inside it), so
+        every tensor the graph returns is taken as handed back: counted, never packed. Taken as
+        not returned, a late graph packed the model's own output, which the caller holds: the
+        heap kept that output's bytes above the plan (256 KiB on a 2 MiB MLP)."""
         args, kwargs = self._call
-        graph = CapturedGraph(runner, flat_inputs, input_kinds(runner, flat_inputs, self._original, args, kwargs))
+        returned = frozenset(range(len(tree_leaves(runner.gm.graph.output_node().args[0]))))
+        graph = CapturedGraph(runner, flat_inputs, input_kinds(runner, flat_inputs, self._original, args, kwargs),
+                              returned=returned)
         ratio = min(1.0, self._ratio if self._ratio is not None else 1.0)
         config = dataclasses.replace(self.compile_config, budget=Budget(fraction=max(ratio, 1e-9)))
         profile, calibration, shares = _calibrated(graph, config, self._drifted_keys(runner.name))
         (plan,) = choose_plans([profile], config, [calibration], shares=[shares])
-        state = self._state(runner.gm, plan)
+        state = self._state(runner.gm, plan, profile.autograd_nodes)
         self._graphs[runner] = state
         return state
 
@@ -517,11 +525,9 @@ class ActCompiledModule(nn.Module):
                           "was reached?), so nothing was compressed; set torch._dynamo.config.recompile_limit "
                           "higher, or keep input shapes fixed", RuntimeWarning, stacklevel=2)
         else:
-            plan = self._plans[key]
             sections = tuple(Section(r.name, self._graphs[r].plan) for r in self._ran)
-            if sections != plan.sections:   # a graph planned late (Dynamo recompiled): measure its heap too
-                self._plans[key] = dataclasses.replace(plan, sections=sections)
-                self._heap_passes.pop(key, None)
+            if sections != self._plans[key].sections:   # a graph planned late: Dynamo recompiled
+                self._resection(key, sections)
         if self._stats.guard_failures:
             warnings.warn(f"actcompile: {self._stats.guard_failures} saved tensor(s) differed from the plan; "
                           "they were kept uncompressed", RuntimeWarning, stacklevel=2)
@@ -531,6 +537,34 @@ class ActCompiledModule(nn.Module):
         elif heap_before is not None and self._ran:
             self._check_heap(key, heap_in_use() - heap_before)
         return out
+
+    def _resection(self, key, sections: tuple[Section, ...]) -> None:
+        """Signature ``key``'s plan after a forward ran other graphs than it was planned with (a
+        guard failed: a changed attribute, a frozen layer, the other branch; the new graph was
+        planned late, at the budget's ratio).
+
+        The budget is resolved again against the graphs this forward ran (a fraction of what
+        they save), so the heap check holds them to their own budget: against the old one, a
+        graph that saves more read as autograd's records taking ~14 KB per node. Where their
+        plans keep more than it (a budget in bytes, a graph that saves more), the whole forward is
+        planned again at its next call, every graph under one budget.
+        """
+        plan, config = self._plans[key], self.compile_config
+        resolved = config.tolerance is None and config.budget_scope == "activations"
+        budget = config.budget.resolve(sum(s.plan.baseline_bytes for s in sections)) if resolved else plan.budget_bytes
+        self._plans[key] = dataclasses.replace(plan, budget_bytes=max(budget, 1), sections=sections)
+        counts = [self._graphs[r].autograd_nodes for r in self._ran]
+        if None in counts:
+            self._nodes.pop(key, None)   # records unknown: no heap check until it is planned here
+        else:
+            self._nodes[key] = sum(counts)
+        self._heap_passes.pop(key, None)   # a new set of graphs: measure its heap again
+        self._over_budget.pop(key, None)
+        if resolved and self._plans[key].planned_bytes > self._plans[key].budget_bytes and key not in self._pinned:
+            for runner in self._ran:
+                self._graphs.pop(runner, None)
+            self._ready.discard(key)
+            self._stale.add(key)
 
     def _heap_before(self, key) -> int | None:
         """The heap in use before a drift-check forward whose growth can be held to the budget,

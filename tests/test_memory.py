@@ -278,6 +278,18 @@ def test_the_heap_is_no_longer_measured_once_a_plan_met_its_budget_three_checks_
     assert max(drift_checked) > 8, drift_checked   # the codecs' own checks go on
 
 
+class _Deepening(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.deep = False
+        self.body = nn.Sequential(*(m for _ in range(4) for m in (nn.Linear(256, 256), nn.Tanh())))
+        self.extra = nn.Sequential(*(m for _ in range(4) for m in (nn.Linear(256, 256), nn.Tanh())))
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.extra(h) if self.deep else h   # a guard on self.deep: same signature, new graph
+
+
 def test_a_graph_dynamo_recompiles_under_a_trusted_signature_has_its_heap_measured_again(monkeypatch):
     import pytest
 
@@ -288,21 +300,10 @@ def test_a_graph_dynamo_recompiles_under_a_trusted_signature_has_its_heap_measur
     if not heap_measurable():
         pytest.skip("needs glibc's mallinfo2 to measure the heap")
 
-    class Deepening(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.deep = False
-            self.body = nn.Sequential(*(m for _ in range(4) for m in (nn.Linear(256, 256), nn.Tanh())))
-            self.extra = nn.Sequential(*(m for _ in range(4) for m in (nn.Linear(256, 256), nn.Tanh())))
-
-        def forward(self, x):
-            h = self.body(x)
-            return self.extra(h) if self.deep else h   # a guard on self.deep: same signature, new graph
-
     readings, read = [], api.heap_in_use
     monkeypatch.setattr(api, "heap_in_use", lambda: (readings.append(1), read())[1])
     torch.manual_seed(0)
-    model, x = Deepening(), torch.randn(256, 256)
+    model, x = _Deepening(), torch.randn(256, 256)
     compiled = actcompile(model, budget=0.5, example_inputs=x, recompute=False, check_every=2)
     checked = []
     for n in range(1, 25):
@@ -312,6 +313,45 @@ def test_a_graph_dynamo_recompiles_under_a_trusted_signature_has_its_heap_measur
         if len(readings) > before:
             checked.append(n)
     assert checked[:3] == [4, 6, 8] and any(n > 11 for n in checked), checked
+
+
+def test_a_graph_that_saves_more_after_a_recompile_is_held_to_its_own_budget_not_read_as_records():
+    """Dynamo recompiles the forward under the same signature into a graph saving twice as much.
+    A fraction is resolved against the new graph; bytes make the forward be planned again. Held
+    to the old budget, the heap check read the new graph's bytes as autograd's records (~14 KB per
+    node) and re-planned with that reserve."""
+    import warnings
+
+    import pytest
+
+    from actcompile import PlanDriftWarning, actcompile
+    from actcompile.measure import heap_measurable, kept_by_forward
+
+    if not heap_measurable():
+        pytest.skip("needs glibc's mallinfo2 to measure the heap")
+    x = torch.randn(256, 256)
+    shallow = None
+    for budget in (0.5, "bytes"):
+        torch.manual_seed(0)
+        model = _Deepening()
+        budget = shallow.budget_bytes if budget == "bytes" else budget
+        compiled = actcompile(model, budget=budget, example_inputs=x, recompute=False, check_every=2)
+        shallow = shallow or compiled.plan
+        model.deep = True
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(12):   # heap checks at forwards 4, 6, 8, … after the late plan
+                compiled(x).pow(2).mean().backward()
+        model.zero_grad(set_to_none=True)
+        plan = compiled.plan
+        warned = [str(w.message) for w in caught if issubclass(w.category, PlanDriftWarning)]
+        assert not warned, f"budget {budget!r}: {warned}"
+        assert compiled.compile_config.reserve_bytes_per_node == 1024, "the new graph's bytes were read as records"
+        assert plan.baseline_bytes > 1.8 * shallow.baseline_bytes, "the plan must describe the deeper graph"
+        expected = shallow.budget_bytes if isinstance(budget, int) else int(0.5 * plan.baseline_bytes)
+        assert plan.planned_bytes <= plan.budget_bytes == expected, (budget, plan.planned_bytes, plan.budget_bytes)
+        kept = min(kept_by_forward(compiled, x) for _ in range(2))
+        assert kept <= plan.budget_bytes, f"budget {budget!r}: the forward keeps {kept} B > {plan.budget_bytes} B"
 
 
 def test_the_heap_check_keeps_a_plan_it_cannot_improve_and_leaves_budget_one_alone():
