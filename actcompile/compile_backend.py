@@ -13,7 +13,11 @@
 import is needed. Each graph Dynamo captures is compiled by Inductor's ``compile_fx`` with a
 custom partitioner (:class:`SavedValuePartitioner`): Inductor's own
 min-cut partition first, then the plan over the values it saves, packed in the forward and
-unpacked at first use in the backward (see :mod:`actcompile.passes.inductor`); saved 4-D
+unpacked at first use in the backward (see :mod:`actcompile.passes.inductor`). Where that plan
+must lose precision, the graph is partitioned again at lower ``activation_memory_budget``
+values (:data:`RECOMPUTE_BUDGETS`: Inductor recomputes more of the forward in backward, its own
+runtime-priced choice) and the same bytes planned out of what it still saves; an exact plan
+that costs less (error + λ·time) is kept (``backend.memory_budgets`` says which, per graph). Saved 4-D
 inputs cross as flat views of themselves (:mod:`actcompile.passes.saved_inputs`), so the forward
 holds the plan's bytes and nothing more (plain Inductor holds channels-last copies of the conv
 weights it saves: 46 MB on ResNet-18 at batch 32). The budget is a
@@ -46,6 +50,7 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import sys
@@ -56,9 +61,61 @@ from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 from actcompile.config import Budget, CompileConfig
 from actcompile.errors import BudgetError
-from actcompile.plan import Plan, format_bytes
+from actcompile.plan import Plan, SkipReason, format_bytes
 
 TAIL_RESERVE = 0.01   # of its share, each graph leaves to the graphs compiled after it (see ForwardBudget)
+# Inductor's ``activation_memory_budget`` values at which a graph whose plan must lose precision
+# is partitioned again: Inductor then recomputes more of the forward in backward (its own
+# runtime-priced choice), and the same bytes are planned out of what it still saves. Kept when that
+# plan is exact and costs less: error + λ·time, the eager policy's objective (``time_weight``).
+RECOMPUTE_BUDGETS = (0.5, 0.25, 0.125)
+
+
+@dataclasses.dataclass
+class _Partition:
+    """One partition of a joint graph and the plan of what its forward saves."""
+
+    fwd: torch.fx.GraphModule
+    bwd: torch.fx.GraphModule
+    plan: Plan
+    least: int                 # the least bytes any plan of this partition keeps
+    forward_seconds: float     # predicted (passes.inductor.graph_seconds)
+    backward_seconds: float    # predicted, with what it recomputes of the forward
+
+
+def _squared_error(plan: Plan) -> float:
+    """The plan's summed squared relative error over its codecs (what the knapsack minimises)."""
+    return sum(a.error ** 2 for a in plan.assignments)
+
+
+def _time_price(default: _Partition, config: CompileConfig) -> float:
+    """λ in the error's units, as the eager policy prices time (``CompileConfig.time_weight``):
+    recomputing the whole forward once costs ``time_weight`` on every saved value the plan could
+    pack (a mean squared relative error of ``time_weight`` each)."""
+    candidates = len(default.plan.assignments) + sum(1 for s in default.plan.skipped if s.reason is SkipReason.NOT_NEEDED)
+    return config.time_weight * max(1, candidates) / max(default.forward_seconds, 1e-9)
+
+
+def _cost(p: _Partition, price: float, config: CompileConfig) -> float:
+    """Squared error + λ·(backward time, recomputation included, + codec time: compiled pack and
+    unpack ~2 copies of each packed value)."""
+    codec_seconds = sum(4 * a.bytes_before for a in p.plan.assignments) / config.bytes_per_second
+    return _squared_error(p.plan) + price * (p.backward_seconds + codec_seconds)
+
+
+def _better(candidate: _Partition, current: _Partition, allowed: int, price: float, config: CompileConfig) -> bool:
+    """Does ``candidate`` (a partition recomputing more) keep fewer bytes over ``allowed``, or as
+    few at a lower cost? Only an exact plan may recompute more: backward recomputes from what the
+    forward saved, and a lossy value feeding a recomputed BatchNorm is amplified far past its
+    own error (ResNet-18 at 1/4: five int8 values, summed ε² 1e-4, gradient cosine 0.9945, where
+    the default partition's 37 packed values, summed ε² 0.02, gave 0.9996)."""
+    if _squared_error(candidate.plan) > 0:
+        return False
+    over = max(0, candidate.plan.planned_bytes - allowed)
+    over_now = max(0, current.plan.planned_bytes - allowed)
+    if over != over_now:
+        return over < over_now
+    return _cost(candidate, price, config) < _cost(current, price, config)
 
 
 @dataclasses.dataclass
@@ -130,36 +187,72 @@ class SavedValuePartitioner(CustomPartitionerFn):
     """Inductor's min-cut partition, then the saved values planned and packed (one graph)."""
 
     def __init__(self, config: CompileConfig, real_inputs: Sequence | None, plans: list, packed: list,
-                 ledger: ForwardBudget, key: str):
+                 ledger: ForwardBudget, key: str, memory_budgets: list):
         self.config, self.real_inputs, self.plans, self.packed = config, real_inputs, plans, packed
-        self.ledger, self.key = ledger, key
+        self.ledger, self.key, self.memory_budgets = ledger, key, memory_budgets
         self.check = None   # a SavedValueCheck once a training graph is partitioned with something packed
 
     def __call__(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any):
-        from torch._functorch.partitioners import min_cut_rematerialization_partition
-
-        from actcompile.passes.branch_masks import save_branch_masks_
-        from actcompile.passes.inductor import SavedValueCheck, _fake_mode_of, compress_saved_, plan_saved
+        from actcompile.passes.inductor import SavedValueCheck, _fake_mode_of, compress_saved_
         from actcompile.passes.saved_inputs import save_inputs_flat_
-        from actcompile.plan import RECOMPUTE
 
-        fwd, bwd = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
         n = kwargs["num_fwd_outputs"]
-        placeholders = list(fwd.graph.find_nodes(op="placeholder"))
-        real = self.real_inputs if self.real_inputs is not None and len(self.real_inputs) == len(placeholders) else None
-        share = functools.partial(self.ledger.share, self.key)
-        plan, least = plan_saved(fwd, bwd, n, self.config, real, share)
-        packed = {a.node for a in plan.assignments if a.codec != RECOMPUTE}
-        # masks backward would recompute from a packed value: computed exactly in forward instead
-        if packed and save_branch_masks_(fwd, bwd, n, packed, _fake_mode_of(fwd)):
-            plan, least = plan_saved(fwd, bwd, n, self.config, real, share)   # the saved values changed
-        self.ledger.record(self.key, baseline=plan.baseline_bytes, planned=plan.planned_bytes, least=least)
+        spare = _copy_graph_module(gm) if self._may_recompute() else None   # the partitioner rewrites gm
+        best = self._partition_and_plan(gm, joint_inputs, kwargs, self.ledger.share)
+        memory_budget = torch._functorch.config.activation_memory_budget
+        baseline = best.plan.baseline_bytes   # what Inductor saves by its own choice: the budget's "1"
+        allowed = self.ledger.share(self.key, baseline)
+        least = best.least
+        if spare is not None and (_squared_error(best.plan) > 0 or best.plan.planned_bytes > allowed):
+            price = _time_price(best, self.config)
+            for lower in RECOMPUTE_BUDGETS:
+                # the same bytes, out of what Inductor saves when it recomputes more of the forward
+                alternative = self._partition_and_plan(_copy_graph_module(spare), joint_inputs, kwargs,
+                                                       lambda key, _saved: self.ledger.share(key, baseline),
+                                                       memory_budget=lower)
+                least = min(least, alternative.least)
+                if _better(alternative, best, allowed, price, self.config):
+                    best, memory_budget = alternative, lower
+        fwd, bwd, plan = best.fwd, best.bwd, best.plan
+        self.ledger.record(self.key, baseline=baseline, planned=plan.planned_bytes, least=least)
         if self.config.check_every and plan.assignments:
             self.check = SavedValueCheck.of(fwd, n, plan)   # before the rewrite: the values as made
         self.packed.append(compress_saved_(fwd, bwd, n, plan, _fake_mode_of(fwd)))
         save_inputs_flat_(fwd, bwd, n)   # else Inductor holds channels-last copies of saved weights
         self.plans.append(plan)
+        self.memory_budgets.append(memory_budget)
         return fwd, bwd
+
+    def _may_recompute(self) -> bool:
+        """Is a partition that recomputes more worth trying? With ``recompute=True`` (the
+        default), a budget below 1, and Inductor's own memory budget not already lower."""
+        return (self.config.recompute and self.config.tolerance is None and self.config.budget.fraction != 1.0
+                and torch._functorch.config.activation_memory_budget > max(RECOMPUTE_BUDGETS))
+
+    def _partition_and_plan(self, gm, joint_inputs, kwargs, share, memory_budget: float | None = None) -> "_Partition":
+        """Inductor's min-cut partition of the joint graph ``gm`` (at
+        ``activation_memory_budget=memory_budget`` if given), then the plan of what it saves,
+        keeping at most ``share(key, saved bytes)``."""
+        from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+        from actcompile.passes.branch_masks import save_branch_masks_
+        from actcompile.passes.inductor import _fake_mode_of, graph_seconds, plan_saved
+        from actcompile.plan import RECOMPUTE
+
+        patch = (torch._functorch.config.patch(activation_memory_budget=memory_budget) if memory_budget is not None
+                 else contextlib.nullcontext())
+        with patch:
+            fwd, bwd = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+        n = kwargs["num_fwd_outputs"]
+        placeholders = list(fwd.graph.find_nodes(op="placeholder"))
+        real = self.real_inputs if self.real_inputs is not None and len(self.real_inputs) == len(placeholders) else None
+        share = functools.partial(share, self.key)
+        plan, least = plan_saved(fwd, bwd, n, self.config, real, share)
+        packed = {a.node for a in plan.assignments if a.codec != RECOMPUTE}
+        # masks backward would recompute from a packed value: computed exactly in forward instead
+        if packed and save_branch_masks_(fwd, bwd, n, packed, _fake_mode_of(fwd)):
+            plan, least = plan_saved(fwd, bwd, n, self.config, real, share)   # the saved values changed
+        return _Partition(fwd, bwd, plan, least, graph_seconds(fwd, self.config), graph_seconds(bwd, self.config))
 
     def uuid(self):
         return None   # the plan depends on the real values: never reuse a cached artifact
@@ -185,6 +278,9 @@ class ActCompileBackend:
                              "its peak model reads the eager graph's liveness; give budget_scope='activations' (or "
                              "use actcompile(model, budget_scope='peak'), the eager back end)")
         self.plans: list[Plan] = []
+        # per plan: the activation_memory_budget Inductor partitioned its graph at (1.0: its default;
+        # lower where recomputing more of the forward let the plan lose less, RECOMPUTE_BUDGETS)
+        self.memory_budgets: list[float] = []
         self.packed: list[list] = []
         self.drifts: list = []   # every Drift its graphs' checks found (actcompile.api.Drift), oldest first
         self.forward_budget = ForwardBudget(self.config.budget)
@@ -206,7 +302,8 @@ class ActCompileBackend:
         forward's budget), and the drift check of its plan (``None``: nothing to check)."""
         from torch._inductor.compile_fx import compile_fx
 
-        partitioner = SavedValuePartitioner(self.config, real, self.plans, self.packed, self.forward_budget, key)
+        partitioner = SavedValuePartitioner(self.config, real, self.plans, self.packed, self.forward_budget, key,
+                                            self.memory_budgets)
         # The plan depends on the real values, not only on the graph: no cached artifact may
         # stand in for it (Inductor's FX graph cache and AOTAutograd's cache both key on the graph).
         with torch._functorch.config.patch(enable_autograd_cache=False):

@@ -185,14 +185,15 @@ def measure_memory(trained, params, inputs, loss) -> dict:
 
 
 def warmup_steps(way: str, trained, what: str) -> int:
-    """Steps before measuring: two (compile, plan, warm up); for timing either back end of
-    actcompile, past its early drift checks (forwards 1, 2, 4, …, below ``check_every``; then one
-    every ``check_every``-th), so the timed steps are the steady state a training run spends its
-    time in (run 9 timed two checked steps of seven; a checked step's own cost is measured
-    separately). ``backend="actcompile"`` by name runs with the default ``check_every``."""
+    """Steps before measuring: two (compile, plan, warm up); for either back end of actcompile,
+    past its early drift checks (forwards 1, 2, 4, …, below ``check_every``; then one every
+    ``check_every``-th), so the measured steps are the steady state a training run spends its
+    time in. Run 9 timed two checked steps of seven; until run 16 the memory process measured its
+    peak on forward 4, a checked one. ``what`` is kept for callers; ``backend="actcompile"`` by
+    name runs with the default ``check_every``."""
     from actcompile.config import CompileConfig
 
-    if what != "time" or way not in ("actcompile", "compile+actcompile"):
+    if way not in ("actcompile", "compile+actcompile"):
         return 2
     every = getattr(getattr(trained, "compile_config", None), "check_every", CompileConfig.check_every)
     if every <= 2:

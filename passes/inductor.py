@@ -304,6 +304,44 @@ def saved_gradient_shares(fwd: torch.fx.GraphModule, bwd: torch.fx.GraphModule, 
     return shares
 
 
+def graph_seconds(gm: torch.fx.GraphModule, config: CompileConfig) -> float:
+    """Predicted time of one run of an aten graph (a partition's forward or backward), by the
+    eager policy's time model (:func:`~actcompile.passes.policy.predicted_seconds`): each op's
+    FLOPs (``torch.utils.flop_counter``'s formulas, on the shapes in ``meta["val"]``) and the
+    bytes it writes; views write nothing. Used to price what a partition recomputes.
+
+    >>> g = torch.fx.symbolic_trace(lambda a, b: torch.ops.aten.mm.default(a, b))
+    >>> for node, shape in zip(g.graph.nodes, [(64, 64), (64, 64), (64, 64)]):
+    ...     node.meta["val"] = torch.empty(shape, device="meta")
+    >>> cfg = CompileConfig(Budget(fraction=0.5), flops_per_second=1e9, bytes_per_second=1e9)
+    >>> round(graph_seconds(g, cfg) * 1e6, 1)   # 2·64³ FLOPs, 16 KiB written and read back, in µs
+    557.1
+    """
+    from torch.utils.flop_counter import flop_registry
+
+    from actcompile.passes.policy import predicted_seconds
+
+    def val(a):
+        return a.meta.get("val") if isinstance(a, torch.fx.Node) else a
+
+    total = 0.0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or getattr(node.target, "is_view", False):
+            continue
+        out = node.meta.get("val")
+        formula = flop_registry.get(getattr(node.target, "overloadpacket", None))
+        flops = 0
+        if formula is not None:
+            args, kwargs = torch.utils._pytree.tree_map(val, (node.args, node.kwargs))
+            try:
+                flops = formula(*args, **kwargs, out_val=out)
+            except Exception:   # a formula that wants what the metadata lacks: priced by its bytes alone
+                flops = 0
+        written = sum(t.nbytes for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        total += predicted_seconds(flops, written, config)
+    return total
+
+
 def plan_saved(fwd, bwd, num_fwd_outputs: int, config: CompileConfig, real_inputs,
                share: Callable[[int], int]) -> tuple[Plan, int]:
     """The plan for one compiled graph's saved values, keeping at most ``share(baseline_bytes)``

@@ -202,7 +202,7 @@ class _GraphProblem:
             merged, picks = merge_items([options[position[i]] for i in members])
             groups.append(_Group(segment, [position[i] for i in members], merged, picks, freed, fixed_freed, held,
                                  [position[i] for i in boundary], sums, sum_picks,
-                                 _seconds(segment.flops, segment.moved_bytes, config)))
+                                 predicted_seconds(segment.flops, segment.moved_bytes, config)))
             grouped.update(members)
         singles = [k for k, t in enumerate(candidates) if t.index not in grouped]
         items = [options[k] for k in singles]
@@ -306,12 +306,12 @@ def _time_price(profiles: list[MemoryProfile], config: CompileConfig, shares: li
         return 0.0   # a tolerance bounds the error alone
     weight = sum(r * _weight(t, config, s) for p, s, r in zip(profiles, shares, repeats)
                  for t in split_candidates(p, config)[0])
-    seconds = sum(r * _seconds(n.flops, sum(b for _, b in n.storages), config)
+    seconds = sum(r * predicted_seconds(n.flops, sum(b for _, b in n.storages), config)
                   for p, r in zip(profiles, repeats) for n in p.nodes)
     return config.time_weight * weight / seconds if seconds > 0 else 0.0
 
 
-def _seconds(flops: int, moved_bytes: int, config: CompileConfig) -> float:
+def predicted_seconds(flops: int, moved_bytes: int, config: CompileConfig) -> float:
     """The time model: FLOPs at ``config.flops_per_second``, plus the bytes an op writes and reads
     again at ``config.bytes_per_second`` (elementwise ops, which count no FLOPs, are bound by those)."""
     return flops / config.flops_per_second + 2 * moved_bytes / config.bytes_per_second

@@ -160,7 +160,7 @@ def test_graphs_after_a_break_share_one_budget():
     g = torch.Generator().manual_seed(2)
     x, labels = torch.randn(512, WIDTH, generator=g), torch.randint(0, 10, (512,), generator=g)
     model = BreakThenTail("loss")
-    be = actcompile.backend(budget=0.25)
+    be = actcompile.backend(budget=0.25, recompute=False)   # codecs alone: Inductor recomputing would need none
     compiled = torch.compile(model, backend=be)
     compiled(x, labels).backward()
     body, loss = be.plans
@@ -174,16 +174,33 @@ def test_graphs_after_a_break_share_one_budget():
 
 def test_a_budget_no_graph_can_pay_fails_at_the_first_backward():
     """The gather's 1 MiB int64 index is kept whole: the forward cannot meet 1/4, and backward
-    says so with the least bytes it can keep (the forward has ended by then; it cannot know earlier)."""
+    says so with the least bytes it can keep (the forward has ended by then; it cannot know earlier).
+    With ``recompute=True`` Inductor recomputes the index from the labels instead (next test)."""
     from actcompile.errors import BudgetError
 
     g = torch.Generator().manual_seed(2)
     x, labels = torch.randn(512, WIDTH, generator=g), torch.randint(0, 10, (512,), generator=g)
-    be = actcompile.backend(budget=0.25)
+    be = actcompile.backend(budget=0.25, recompute=False)
     loss = torch.compile(BreakThenTail("gather"), backend=be)(x, labels)
     with pytest.raises(BudgetError, match=r"over the budget.*graph 1 keeps 2.0 MiB of 2.0 MiB") as error:
         loss.backward()
     assert error.value.smallest_bytes == sum(g.least for g in be.forward_budget.graphs.values()) > 2 * 2**20
+
+
+def test_a_budget_codecs_alone_cannot_meet_is_met_by_letting_inductor_recompute():
+    """The same gather tail: its int64 index is cheap to recompute from the labels, so the
+    partition at a lower activation_memory_budget recomputes it in backward and the forward meets
+    1/4 with no error (measured: what autograd is handed fits the shared budget)."""
+    g = torch.Generator().manual_seed(2)
+    x, labels = torch.randn(512, WIDTH, generator=g), torch.randint(0, 10, (512,), generator=g)
+    model = BreakThenTail("gather")
+    be = actcompile.backend(budget=0.25)
+    compiled = torch.compile(model, backend=be)
+    compiled(x, labels).backward()
+    assert min(be.memory_budgets) < 1.0, be.memory_budgets
+    assert be.forward_budget.overshoot_bytes == 0
+    measured = saved_activation_bytes(lambda: compiled(x, labels), [*model.parameters(), x, labels])
+    assert measured <= be.forward_budget.budget_bytes, f"{measured} B saved, budget {be.forward_budget.budget_bytes} B"
 
 
 def test_compiling_a_wrapped_module_runs_the_eager_back_end(batch):
@@ -288,24 +305,28 @@ def test_a_drifted_plan_is_caught_and_the_graph_compiled_again(check_every):
 def test_planning_and_drift_checks_never_update_batchnorm_statistics_twice():
     """Calibration, the gradient probe and every drift check run the graph's forward again on
     the real inputs; AOTAutograd keeps a BatchNorm's running-statistics update in that graph
-    (``copy_`` into an input), so each would have moved the statistics a second time."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                          nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
-    plain = __import__("copy").deepcopy(model)
-    be = actcompile.backend(budget=0.25, check_every=1, error_weighting="gradient")
-    compiled = torch.compile(model, backend=be)
-    for step in range(3):
-        x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(step))
-        compiled(x).sum().backward()
-        plain(x).sum().backward()
-    assert be.plans[0].assignments and be.plans[0].assignments[0].gradient_share is not None
-    for mine, theirs in zip(model.modules(), plain.modules()):
-        if isinstance(mine, nn.BatchNorm2d):
-            assert int(mine.num_batches_tracked) == 3
-            assert torch.allclose(mine.running_mean, theirs.running_mean, atol=1e-5)
-            assert torch.allclose(mine.running_var, theirs.running_var, atol=1e-5)
+    (``copy_`` into an input), so each would have moved the statistics a second time. With
+    ``recompute=True`` the graph is also partitioned and calibrated at lower memory budgets."""
+    for recompute in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                              nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+        plain = __import__("copy").deepcopy(model)
+        be = actcompile.backend(budget=0.25, check_every=1, error_weighting="gradient", recompute=recompute)
+        compiled = torch.compile(model, backend=be)
+        for step in range(3):
+            x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(step))
+            compiled(x).sum().backward()
+            plain(x).sum().backward()
+        if not recompute:   # codecs alone: packed, drift-checked at every forward
+            assert be.plans[0].assignments and be.plans[0].assignments[0].gradient_share is not None
+        for mine, theirs in zip(model.modules(), plain.modules()):
+            if isinstance(mine, nn.BatchNorm2d):
+                assert int(mine.num_batches_tracked) == 3, recompute
+                assert torch.allclose(mine.running_mean, theirs.running_mean, atol=1e-5), recompute
+                assert torch.allclose(mine.running_var, theirs.running_var, atol=1e-5), recompute
 
 
 CONSTRUCTS = ["function", "no_grad", "autocast", "checkpoint", "hooks", "branch", "attribute", "inplace"]
@@ -321,7 +342,9 @@ def test_semantics_matrix_compiled(construct):
     # The branch breaks the graph after ``a``: the first graph returns ``h`` to Python and the
     # second saves it for its matmul, so ``h`` stays on the heap, counted as the first graph's
     # output (it can pack nothing of it, the second sees a graph input): 1/4 is out of reach.
-    be = actcompile.backend(budget=0.3 if construct == "branch" else 0.25)
+    # codecs alone: where Inductor's recomputation would meet the budget the plan packs nothing,
+    # and this matrix is about packed values inside each construct
+    be = actcompile.backend(budget=0.3 if construct == "branch" else 0.25, recompute=False)
     compiled = torch.compile(model, backend=be)
     step(compiled, x, labels)                 # compiles with the planning-time state
     if construct == "attribute":
@@ -548,3 +571,32 @@ def test_a_conv_net_holds_no_more_than_its_plan_under_compile():
         got = grads_of(compiled, x, labels)[1]
         cos = F.cosine_similarity(got, reference, dim=0).item()
         assert cos > (0.99999 if budget == 1.0 else 0.999), f"budget {budget}: gradient cosine {cos:.6f}"
+
+
+def test_a_plan_that_must_lose_precision_lets_inductor_recompute_more():
+    """At 1/8 the plan over what Inductor saves by default must quantize hard; partitioned again
+    at a lower activation_memory_budget (Inductor recomputes BatchNorm and ReLU in backward), the
+    same bytes are planned with less error: kept, within the same budget, with better gradients."""
+    torch.manual_seed(0)
+    model = conv_net(64, nn.ReLU)
+    x, labels = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    reference = grads_of(copy_of(model), x, labels)[1]
+    found = {}
+    for recompute in (False, True):
+        torch._dynamo.reset()
+        trained = copy_of(model)
+        be = actcompile.backend(budget=0.125, recompute=recompute)
+        compiled = torch.compile(trained, backend=be)
+        got = grads_of(compiled, x, labels)[1]
+        (plan,) = be.plans
+        assert plan.planned_bytes <= plan.budget_bytes
+        held_anyway = {t.untyped_storage().data_ptr() for t in [x, *trained.parameters(), *trained.buffers()]}
+        seen, _ = _saved_storages(lambda: compiled(x))
+        held = sum(nbytes for ptr, nbytes in seen.items() if ptr not in held_anyway)
+        assert held <= plan.budget_bytes, (recompute, held, plan.budget_bytes)
+        found[recompute] = (be.memory_budgets[0], plan, F.cosine_similarity(got, reference, dim=0).item())
+    (kept_budget, kept_plan, kept_cos), (joint_budget, joint_plan, joint_cos) = found[False], found[True]
+    assert kept_budget == 1.0 and joint_budget < 1.0, found
+    assert joint_plan.budget_bytes == kept_plan.budget_bytes, "both are 1/8 of what Inductor saves by default"
+    assert sum(a.error ** 2 for a in joint_plan.assignments) < 0.8 * sum(a.error ** 2 for a in kept_plan.assignments)
+    assert 1 - joint_cos < 1 - kept_cos, f"gradient cosine: recompute {joint_cos:.6f}, codecs alone {kept_cos:.6f}"
