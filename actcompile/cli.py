@@ -153,8 +153,10 @@ def _plan_compiled(model, inputs, budget, codecs, json_path, plot_path):
     be = actcompile.backend(budget=budget, codecs=codecs)
     compiled = torch.compile(model, backend=be)
     forward_backward(compiled, inputs)   # compiles and plans every graph of a training step
-    for i, plan in enumerate(be.plans):
-        print(f"graph {i}:\n{plan}")
+    for i, (plan, memory_budget) in enumerate(zip(be.plans, be.memory_budgets)):
+        # a plan's baseline is what its partition saves: lower where Inductor recomputes more
+        partition = "" if memory_budget >= 1.0 else f" (Inductor's partition at activation_memory_budget {memory_budget})"
+        print(f"graph {i}{partition}:\n{plan}")
     if heap_measurable():
         kept = kept_by_forward(compiled, inputs)
         budget_bytes = sum(p.budget_bytes for p in be.plans)
