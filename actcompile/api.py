@@ -490,6 +490,11 @@ class ActCompiledModule(nn.Module):
             return
         warnings.warn(f"actcompile: {len(drifts)} packed tensor(s) no longer match their plan ({shown}); "
                       "the next forward re-calibrates and re-plans", PlanDriftWarning, stacklevel=3)
+        self._forget_graphs_ran(key)
+
+    def _forget_graphs_ran(self, key) -> None:
+        """Drop the plans of the graphs the last forward ran: signature ``key`` is planned again,
+        every graph under one budget, at its next forward."""
         for runner in self._ran:
             self._graphs.pop(runner, None)
         self._ready.discard(key)
@@ -561,10 +566,7 @@ class ActCompiledModule(nn.Module):
         self._heap_passes.pop(key, None)   # a new set of graphs: measure its heap again
         self._over_budget.pop(key, None)
         if resolved and self._plans[key].planned_bytes > self._plans[key].budget_bytes and key not in self._pinned:
-            for runner in self._ran:
-                self._graphs.pop(runner, None)
-            self._ready.discard(key)
-            self._stale.add(key)
+            self._forget_graphs_ran(key)
 
     def _heap_before(self, key) -> int | None:
         """The heap in use before a drift-check forward whose growth can be held to the budget,
