@@ -66,8 +66,9 @@ from actcompile.plan import Plan, SkipReason, format_bytes
 TAIL_RESERVE = 0.01   # of its share, each graph leaves to the graphs compiled after it (see ForwardBudget)
 # Inductor's ``activation_memory_budget`` values at which a graph whose plan must lose precision
 # is partitioned again: Inductor then recomputes more of the forward in backward (its own
-# runtime-priced choice), and the same bytes are planned out of what it still saves. Kept when that
-# plan is exact and costs less: error + λ·time, the eager policy's objective (``time_weight``).
+# runtime-priced choice), and the same bytes are planned out of what it still saves. The partition
+# kept is the one over the budget by the least, then the cheapest by the eager policy's objective
+# (gradient error + λ·time, ``time_weight``), the gradient error measured (see _better).
 RECOMPUTE_BUDGETS = (0.5, 0.25, 0.125)
 
 
@@ -81,6 +82,7 @@ class _Partition:
     least: int                 # the least bytes any plan of this partition keeps
     forward_seconds: float     # predicted (passes.inductor.graph_seconds)
     backward_seconds: float    # predicted, with what it recomputes of the forward
+    gradient_error: float | None = None   # measured (passes.inductor.measured_gradient_error), once asked
 
 
 def _squared_error(plan: Plan) -> float:
@@ -88,34 +90,44 @@ def _squared_error(plan: Plan) -> float:
     return sum(a.error ** 2 for a in plan.assignments)
 
 
+def _candidates(p: _Partition) -> int:
+    """How many saved values of ``p``'s plan could be packed (those it packs and those it may leave)."""
+    return max(1, len(p.plan.assignments) + sum(1 for s in p.plan.skipped if s.reason is SkipReason.NOT_NEEDED))
+
+
 def _time_price(default: _Partition, config: CompileConfig) -> float:
     """λ in the error's units, as the eager policy prices time (``CompileConfig.time_weight``):
     recomputing the whole forward once costs ``time_weight`` on every saved value the plan could
     pack (a mean squared relative error of ``time_weight`` each)."""
-    candidates = len(default.plan.assignments) + sum(1 for s in default.plan.skipped if s.reason is SkipReason.NOT_NEEDED)
-    return config.time_weight * max(1, candidates) / max(default.forward_seconds, 1e-9)
+    return config.time_weight * _candidates(default) / max(default.forward_seconds, 1e-9)
 
 
-def _cost(p: _Partition, price: float, config: CompileConfig) -> float:
-    """Squared error + λ·(backward time, recomputation included, + codec time: compiled pack and
-    unpack ~2 copies of each packed value)."""
+def _cost(p: _Partition, price: float, config: CompileConfig, candidates: int) -> float:
+    """Error + λ·(backward time, recomputation included, + codec time: compiled pack and unpack
+    ~2 copies of each packed value). The error is the measured gradient error g as ``candidates``
+    values each at ε = g (the units of the knapsack's Σε²), or the plan's Σε² if not measured."""
     codec_seconds = sum(4 * a.bytes_before for a in p.plan.assignments) / config.bytes_per_second
-    return _squared_error(p.plan) + price * (p.backward_seconds + codec_seconds)
+    error = _squared_error(p.plan) if p.gradient_error is None else candidates * p.gradient_error ** 2
+    return error + price * (p.backward_seconds + codec_seconds)
 
 
-def _better(candidate: _Partition, current: _Partition, allowed: int, price: float, config: CompileConfig) -> bool:
+def _better(candidate: _Partition, current: _Partition, allowed: int, price: float, config: CompileConfig,
+            candidates: int) -> bool:
     """Does ``candidate`` (a partition recomputing more) keep fewer bytes over ``allowed``, or as
-    few at a lower cost? Only an exact plan may recompute more: backward recomputes from what the
+    few at a lower cost? A lossy plan over a partition that recomputes more is judged by its
+    measured gradient error, never by its codecs' ε alone: backward recomputes from what the
     forward saved, and a lossy value feeding a recomputed BatchNorm is amplified far past its
     own error (ResNet-18 at 1/4: five int8 values, summed ε² 1e-4, gradient cosine 0.9945, where
-    the default partition's 37 packed values, summed ε² 0.02, gave 0.9996)."""
-    if _squared_error(candidate.plan) > 0:
-        return False
+    the default partition's 37 packed values, summed ε² 0.02, gave 0.9996), while a recomputed
+    attention reads an int8 query at about its ε. Unmeasured (no real inputs), only an exact plan
+    may recompute more."""
     over = max(0, candidate.plan.planned_bytes - allowed)
     over_now = max(0, current.plan.planned_bytes - allowed)
     if over != over_now:
         return over < over_now
-    return _cost(candidate, price, config) < _cost(current, price, config)
+    if _squared_error(candidate.plan) > 0 and (candidate.gradient_error is None or current.gradient_error is None):
+        return False
+    return _cost(candidate, price, config, candidates) < _cost(current, price, config, candidates)
 
 
 @dataclasses.dataclass
@@ -175,11 +187,12 @@ class ForwardBudget:
         least = sum(g.least for g in self.graphs.values())
         at_least = [f"graph {k} keeps {format_bytes(g.planned)} of {format_bytes(g.baseline)}"
                     for k, g in self.graphs.items() if g.planned <= g.least]   # least adds the heap reserve
+        why = f" ({'; '.join(at_least)}, the least it can)" if at_least else ""
         raise BudgetError(
             f"torch.compile(backend='actcompile'): the forward's {len(self.graphs)} graph(s) are planned to keep "
             f"{format_bytes(self.budget_bytes + over)}, {format_bytes(over)} over the budget ({self.budget}: "
-            f"{format_bytes(self.budget_bytes)}), and no graph compiled after them could pay it ({'; '.join(at_least)}, "
-            f"the least it can). The least all graphs can keep is {format_bytes(least)} ({least} B)",
+            f"{format_bytes(self.budget_bytes)}), and no graph compiled after them could pay it{why}. "
+            f"The least all graphs can keep is {format_bytes(least)} ({least} B)",
             smallest_bytes=least)
 
 
@@ -204,14 +217,16 @@ class SavedValuePartitioner(CustomPartitionerFn):
         allowed = self.ledger.share(self.key, baseline)
         least = best.least
         if spare is not None and (_squared_error(best.plan) > 0 or best.plan.planned_bytes > allowed):
-            price = _time_price(best, self.config)
+            price, candidates = _time_price(best, self.config), _candidates(best)
+            self._measure(best)
             for lower in RECOMPUTE_BUDGETS:
                 # the same bytes, out of what Inductor saves when it recomputes more of the forward
                 alternative = self._partition_and_plan(_copy_graph_module(spare), joint_inputs, kwargs,
                                                        lambda key, _saved: self.ledger.share(key, baseline),
                                                        memory_budget=lower)
                 least = min(least, alternative.least)
-                if _better(alternative, best, allowed, price, self.config):
+                self._measure(alternative)
+                if _better(alternative, best, allowed, price, self.config, candidates):
                     best, memory_budget = alternative, lower
         fwd, bwd, plan = best.fwd, best.bwd, best.plan
         self.ledger.record(self.key, baseline=baseline, planned=plan.planned_bytes, least=least)
@@ -222,6 +237,17 @@ class SavedValuePartitioner(CustomPartitionerFn):
         self.plans.append(plan)
         self.memory_budgets.append(memory_budget)
         return fwd, bwd
+
+    def _measure(self, p: _Partition) -> None:
+        """Measure the gradient error of ``p``'s plan on the real inputs (if there are any)."""
+        from actcompile.passes.inductor import measured_gradient_error
+
+        p.gradient_error = measured_gradient_error(p.fwd, p.bwd, p.plan, self._real_inputs_of(p.fwd))
+
+    def _real_inputs_of(self, fwd: torch.fx.GraphModule) -> Sequence | None:
+        """The real inputs, if they are ``fwd``'s (one per placeholder)."""
+        real = self.real_inputs
+        return real if real is not None and len(real) == len(fwd.graph.find_nodes(op="placeholder")) else None
 
     def _may_recompute(self) -> bool:
         """Is a partition that recomputes more worth trying? With ``recompute=True`` (the
@@ -244,8 +270,7 @@ class SavedValuePartitioner(CustomPartitionerFn):
         with patch:
             fwd, bwd = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
         n = kwargs["num_fwd_outputs"]
-        placeholders = list(fwd.graph.find_nodes(op="placeholder"))
-        real = self.real_inputs if self.real_inputs is not None and len(self.real_inputs) == len(placeholders) else None
+        real = self._real_inputs_of(fwd)
         share = functools.partial(share, self.key)
         plan, least = plan_saved(fwd, bwd, n, self.config, real, share)
         packed = {a.node for a in plan.assignments if a.codec != RECOMPUTE}

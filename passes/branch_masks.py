@@ -74,7 +74,7 @@ def save_branch_masks_(fwd: torch.fx.GraphModule, bwd: torch.fx.GraphModule, num
                        packed: set[str], fake_mode) -> list[str]:
     """Move every mask the backward recomputes from a value in ``packed`` into the forward (1 bit
     per element saved); returns the names of the moved masks. ``fwd`` and ``bwd`` are rewritten."""
-    from actcompile.passes.inductor import _in_logical_order, _inline, _trace, storage_orders
+    from actcompile.passes.inductor import _in_logical_order, _inline, _trace, crossing_placeholder, storage_orders
 
     output = fwd.graph.output_node()
     outputs = list(output.args[0])
@@ -111,9 +111,7 @@ def save_branch_masks_(fwd: torch.fx.GraphModule, bwd: torch.fx.GraphModule, num
         outputs.insert(last_source + 1, bits)
         # backward: a placeholder for the bits (same position), unpacked where the mask was
         after = placeholders[outputs[last_source].name]
-        with bwd.graph.inserting_after(after):
-            ph = bwd.graph.placeholder(bits.name)
-        ph.meta = dict(bits.meta)
+        ph = crossing_placeholder(fwd, bwd, bits, before=after.next)
         unpack_gm = _trace(lambda b: _in_logical_order(unpack_bits(b, 1, val.numel(), torch.int32, shape=permuted) != 0,
                                                        order),
                            (bits.meta["val"],), fake_mode)

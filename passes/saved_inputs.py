@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from actcompile.passes.inductor import _channels_last_nodes, _first_use, _views_an_input
+from actcompile.passes.inductor import _channels_last_nodes, _first_use, _views_an_input, crossing_placeholder
 
 aten = torch.ops.aten
 
@@ -53,9 +53,7 @@ def save_inputs_flat_(fwd: torch.fx.GraphModule, bwd: torch.fx.GraphModule, num_
             flat = fwd.graph.call_function(aten.view.default, (node, [val.numel()]))
         flat.meta["val"] = val.view(-1)
         outputs[position] = flat
-        with bwd.graph.inserting_before(in_backward):   # keeps the placeholders in the saved order
-            flat_in = bwd.graph.placeholder(flat.name)
-        flat_in.meta["val"] = flat.meta["val"]
+        flat_in = crossing_placeholder(fwd, bwd, flat, before=in_backward)   # keeps the saved order
         with bwd.graph.inserting_before(_first_use(in_backward)):
             shaped = bwd.graph.call_function(aten.view.default, (flat_in, list(val.shape)))
         shaped.meta["val"] = val
