@@ -16,8 +16,9 @@ min-cut partition first, then the plan over the values it saves, packed in the f
 unpacked at first use in the backward (see :mod:`actcompile.passes.inductor`). Where that plan
 must lose precision, the graph is partitioned again at lower ``activation_memory_budget``
 values (:data:`RECOMPUTE_BUDGETS`: Inductor recomputes more of the forward in backward, its own
-runtime-priced choice) and the same bytes planned out of what it still saves; an exact plan
-that costs less (error + λ·time) is kept (``backend.memory_budgets`` says which, per graph). Saved 4-D
+runtime-priced choice) and the same bytes planned out of what it still saves; the partition over
+the budget by the least, then costing the least (gradient error, measured on one probe backward,
++ λ·time), is kept (``backend.memory_budgets`` says which, per graph). Saved 4-D
 inputs cross as flat views of themselves (:mod:`actcompile.passes.saved_inputs`), so the forward
 holds the plan's bytes and nothing more (plain Inductor holds channels-last copies of the conv
 weights it saves: 46 MB on ResNet-18 at batch 32). The budget is a
@@ -54,7 +55,8 @@ import contextlib
 import dataclasses
 import functools
 import sys
-from typing import Any, Sequence
+import warnings
+from typing import Any, Callable, Sequence
 
 import torch
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
@@ -83,6 +85,7 @@ class _Partition:
     forward_seconds: float     # predicted (passes.inductor.graph_seconds)
     backward_seconds: float    # predicted, with what it recomputes of the forward
     gradient_error: float | None = None   # measured (passes.inductor.measured_gradient_error), once asked
+    measured: bool = False                # asked (gradient_error None: it could not be measured)
 
 
 def _squared_error(plan: Plan) -> float:
@@ -112,19 +115,23 @@ def _cost(p: _Partition, price: float, config: CompileConfig, candidates: int) -
 
 
 def _better(candidate: _Partition, current: _Partition, allowed: int, price: float, config: CompileConfig,
-            candidates: int) -> bool:
+            candidates: int, measure: Callable[[_Partition], None] = lambda p: None) -> bool:
     """Does ``candidate`` (a partition recomputing more) keep fewer bytes over ``allowed``, or as
     few at a lower cost? A lossy plan over a partition that recomputes more is judged by its
     measured gradient error, never by its codecs' ε alone: backward recomputes from what the
     forward saved, and a lossy value feeding a recomputed BatchNorm is amplified far past its
-    own error (ResNet-18 at 1/4: five int8 values, summed ε² 1e-4, gradient cosine 0.9945, where
+    own error (ResNet-18, batch 32, at 1/4: five int8 values, summed ε² 1e-4, gradient cosine 0.9945, where
     the default partition's 37 packed values, summed ε² 0.02, gave 0.9996), while a recomputed
-    attention reads an int8 query at about its ε. Unmeasured (no real inputs), only an exact plan
-    may recompute more."""
+    attention reads an int8 query at about its ε. ``measure(p)`` sets ``p.gradient_error`` (asked
+    only where a lossy plan is compared). Where it cannot be measured (no real inputs), a lossy
+    plan recomputes more only if that keeps fewer bytes over the budget."""
     over = max(0, candidate.plan.planned_bytes - allowed)
     over_now = max(0, current.plan.planned_bytes - allowed)
     if over != over_now:
         return over < over_now
+    if _squared_error(candidate.plan) > 0 or _squared_error(current.plan) > 0:
+        measure(candidate)
+        measure(current)
     if _squared_error(candidate.plan) > 0 and (candidate.gradient_error is None or current.gradient_error is None):
         return False
     return _cost(candidate, price, config, candidates) < _cost(current, price, config, candidates)
@@ -218,15 +225,13 @@ class SavedValuePartitioner(CustomPartitionerFn):
         least = best.least
         if spare is not None and (_squared_error(best.plan) > 0 or best.plan.planned_bytes > allowed):
             price, candidates = _time_price(best, self.config), _candidates(best)
-            self._measure(best)
             for lower in RECOMPUTE_BUDGETS:
                 # the same bytes, out of what Inductor saves when it recomputes more of the forward
                 alternative = self._partition_and_plan(_copy_graph_module(spare), joint_inputs, kwargs,
                                                        lambda key, _saved: self.ledger.share(key, baseline),
                                                        memory_budget=lower)
                 least = min(least, alternative.least)
-                self._measure(alternative)
-                if _better(alternative, best, allowed, price, self.config, candidates):
+                if _better(alternative, best, allowed, price, self.config, candidates, self._measure):
                     best, memory_budget = alternative, lower
         fwd, bwd, plan = best.fwd, best.bwd, best.plan
         self.ledger.record(self.key, baseline=baseline, planned=plan.planned_bytes, least=least)
@@ -239,10 +244,20 @@ class SavedValuePartitioner(CustomPartitionerFn):
         return fwd, bwd
 
     def _measure(self, p: _Partition) -> None:
-        """Measure the gradient error of ``p``'s plan on the real inputs (if there are any)."""
+        """Measure the gradient error of ``p``'s plan on the real inputs (once; if there are any).
+        A probe that fails (an op with no eager kernel for these inputs, memory) leaves it
+        unmeasured, with a warning: the plan is then judged as without real inputs."""
         from actcompile.passes.inductor import measured_gradient_error
 
-        p.gradient_error = measured_gradient_error(p.fwd, p.bwd, p.plan, self._real_inputs_of(p.fwd))
+        if p.measured:
+            return
+        p.measured = True
+        try:
+            p.gradient_error = measured_gradient_error(p.fwd, p.bwd, p.plan, self._real_inputs_of(p.fwd))
+        except (RuntimeError, NotImplementedError, TypeError, ValueError) as e:
+            warnings.warn(f"actcompile: the gradient error of compiled graph {self.key}'s plan could not be measured "
+                          f"({type(e).__name__}: {str(e)[:200]}); a lossy plan there recomputes no more than "
+                          f"Inductor's own partition unless that is over the budget", stacklevel=2)
 
     def _real_inputs_of(self, fwd: torch.fx.GraphModule) -> Sequence | None:
         """The real inputs, if they are ``fwd``'s (one per placeholder)."""
@@ -395,8 +410,6 @@ class CheckedGraph:
         return is_check_forward(self.forwards, self.backend.config.check_every)
 
     def _check_drift(self, inputs: list) -> None:
-        import warnings
-
         from actcompile.api import find_drifts
         from actcompile.errors import PlanDriftWarning
 
@@ -424,7 +437,8 @@ class CheckedGraph:
         warnings.warn(f"{found}; compiling it again with a plan calibrated on this forward's values",
                       PlanDriftWarning, stacklevel=3)
         self.replans += 1
-        real = [x.detach() if isinstance(x, torch.Tensor) else x for x in inputs]
+        # (requires_grad kept: the planner's gradient probe tells parameters by it)
+        real = [x.detach().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x for x in inputs]
         self.compiled, self.check = self.backend._compile(_copy_graph_module(self.pristine), inputs, real, self.key)
 
 

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import operator
+import re
 from typing import Any, Callable, Sequence
 
 import torch
@@ -95,11 +97,20 @@ def _uses(placeholder: torch.fx.Node) -> tuple[Use, ...]:
     return tuple(uses)
 
 
+def _is_view(node) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and getattr(node.target, "is_view", False)
+
+
 def _base(node: torch.fx.Node) -> torch.fx.Node:
-    """The node whose storage ``node`` views (``node`` itself when it is no view)."""
-    while node.op == "call_function" and getattr(node.target, "is_view", False):
-        node = node.args[0]
-    return node
+    """The node whose storage ``node`` views (``node`` itself when it is no view), also through
+    one piece of a view op that returns several (``split``, ``unbind``: GPT-2's q, k, v)."""
+    while True:
+        if _is_view(node):
+            node = node.args[0]
+        elif node.op == "call_function" and node.target is operator.getitem and _is_view(node.args[0]):
+            node = node.args[0].args[0]
+        else:
+            return node
 
 
 def _views_an_input(node: torch.fx.Node) -> bool:
@@ -265,7 +276,7 @@ def saved_gradient_shares(fwd: torch.fx.GraphModule, bwd: torch.fx.GraphModule, 
                          "communicates (its probe would run a collective on one rank): give budget= with "
                          "error_weighting='tensor'")
     with _real_tensors():
-        squared = {i: float(g.double().pow(2).sum()) for i, g in probe.parameter_gradients(probe.args).items()}
+        squared = {i: float(g.double().pow(2).sum()) for i, g in probe.input_gradients(probe.args).items()}
     values, placeholders = probe.values, list(bwd.graph.find_nodes(op="placeholder"))
     total = sum(squared.values())
     position = {}
@@ -339,27 +350,30 @@ class _BackwardProbe:
                     args.append(torch.randn(tuple(val.shape), generator=generator).to(val.device, val.dtype))
         return cls(_eagerly_runnable(bwd), real_inputs, values, args)
 
-    def parameter_gradients(self, args: list) -> dict[int, torch.Tensor]:
+    def input_gradients(self, args: list, leaves_only: bool = True) -> dict[int, torch.Tensor]:
         """The backward run on ``args``: ``{input position: gradient}`` for each forward input
-        that is a leaf requiring grad (a parameter)."""
+        requiring grad that is a leaf (a parameter), or any (``leaves_only=False``: also an
+        activation from a graph before a break, whose gradient reaches that graph's parameters)."""
         with _real_tensors(), torch.random.fork_rng():
             grads = self.bwd(*args)
         return {i: g for i, (g, x) in enumerate(zip(grads, self.real_inputs))
-                if isinstance(g, torch.Tensor) and isinstance(x, torch.Tensor) and x.is_leaf and x.requires_grad}
+                if isinstance(g, torch.Tensor) and isinstance(x, torch.Tensor) and x.requires_grad
+                and (x.is_leaf or not leaves_only)}
 
 
 def measured_gradient_error(fwd: torch.fx.GraphModule, bwd: torch.fx.GraphModule, plan: Plan,
                             real_inputs: Sequence | None, seed: int = 0) -> float | None:
-    """The relative error ``‖g̃ − g‖ / ‖g‖`` of the parameter gradients when the values ``plan``
-    packs are read back through their codecs, measured on one probe (the forward on the real
-    inputs, the backward on a random tangent, once exact and once with each packed value
-    round-tripped in its storage order). 0 for a plan that packs nothing; ``None`` when it cannot
-    be measured (no real inputs, a forward that cannot be replayed).
+    """The relative error ``‖g̃ − g‖ / ‖g‖`` of the gradients of the graph's inputs that require
+    grad (parameters, and activations of a graph before a break) when the values ``plan`` packs
+    are read back through their codecs, measured on one probe (the forward on the real inputs,
+    the backward on a random tangent, once exact and once with each packed value round-tripped
+    in its storage order). 0 for a plan that packs nothing; ``None`` when it cannot be measured
+    (no real inputs, no input requiring grad, a forward that cannot be replayed).
 
     This is what a plan does to the gradient, through whatever the backward recomputes from a
     packed value: a partition that recomputes a BatchNorm from an int8 input amplifies that
     input's error past its ε (ResNet-18 at 1/4: five int8 values, summed ε² 1e-4, gradient cosine
-    0.9945), where a recomputed attention reads an int8 query at about its ε (GPT-2: 0.99999).
+    0.9945), where a recomputed attention reads an int8 query at about its ε (GPT-2-small: 0.99997).
 
     >>> from functorch.compile import aot_function, make_boxed_func
     >>> from torch._functorch.partitioners import default_partition
@@ -399,10 +413,11 @@ def measured_gradient_error(fwd: torch.fx.GraphModule, bwd: torch.fx.GraphModule
                 x = args[i] if order is None else args[i].permute(order)
                 # as the exact value is laid out (backward's views need it), whatever the codec's layout
                 args[i] = torch.empty_like(args[i]).copy_(_in_logical_order(codec.unpack(codec.pack(x)), order))
-        exact, lossy = probe.parameter_gradients(probe.args), probe.parameter_gradients(args)
+        exact = probe.input_gradients(probe.args, leaves_only=False)
+        lossy = probe.input_gradients(args, leaves_only=False)
         squared = sum(float(g.double().pow(2).sum()) for g in exact.values())
         diff = sum(float((lossy[i].double() - g.double()).pow(2).sum()) for i, g in exact.items())
-    return (diff / squared) ** 0.5 if squared > 0 else 0.0
+    return (diff / squared) ** 0.5 if squared > 0 else None
 
 
 def graph_seconds(gm: torch.fx.GraphModule, config: CompileConfig) -> float:
@@ -613,15 +628,18 @@ def crossing_placeholder(fwd: torch.fx.GraphModule, bwd: torch.fx.GraphModule, v
     ``value``, the two given one name that neither graph uses otherwise: the passes match a saved
     value with its placeholder by name (FX would rename a placeholder whose name the backward
     already uses, and a later pass would read another value's placeholder)."""
-    used = {n.name for n in bwd.graph.nodes} | {n.name for n in fwd.graph.nodes if n is not value}
-    name, i = value.name, 0
-    while name in used:
-        i += 1
-        name = f"{value.name}_{i}"
+    # FX keeps a name ``stem_N`` that no node of the graph ever had as given, and renames any other
+    # (a bare stem, or one used before, even by an erased node): pick one free in both graphs.
+    fwd_used, bwd_used = fwd.graph._graph_namespace._used_names, bwd.graph._graph_namespace._used_names
+    name = value.name
+    if not re.fullmatch(r".*_\d+", name) or name in bwd_used:
+        stem, i = re.sub(r"_\d+$", "", name), 0
+        while (name := f"{stem}_{i}") in fwd_used or name in bwd_used:
+            i += 1
     value._rename(name)
     with bwd.graph.inserting_before(before):
         ph = bwd.graph.placeholder(name)
-    assert ph.name == name, (ph.name, name)
+    assert value.name == name == ph.name, (value.name, name, ph.name)
     ph.meta = dict(value.meta)
     return ph
 
@@ -643,6 +661,17 @@ class PackedValue:
     first_use_at: int
 
 
+def _copy_op(view: torch.fx.Node) -> tuple:
+    """``(target, args, kwargs)`` of a contiguous copy of ``view`` that Inductor keeps. Its
+    ``remove_noop_ops`` drops a ``clone`` whose sizes and strides equal its source's, the storage
+    offset not compared: a dim-0 ``select`` of a contiguous activation would again be saved as a
+    view of all of it. ×1 is exact (-0.0 and NaN included) and no post-grad pass removes it."""
+    val = view.meta["val"]
+    if not val.is_contiguous():
+        return aten.clone.default, (view,), {"memory_format": torch.contiguous_format}
+    return aten.mul.Tensor, (view, 1), {}
+
+
 def _copy_views_kept_of_packed_(fwd: torch.fx.GraphModule, bwd: torch.fx.GraphModule, num_fwd_outputs: int,
                                 packed: set[str], fake_mode) -> list[str]:
     """Save a copy of each view the plan keeps of an activation whose other saved views it packs.
@@ -651,8 +680,8 @@ def _copy_views_kept_of_packed_(fwd: torch.fx.GraphModule, bwd: torch.fx.GraphMo
     the whole activation, though the plan counts only the view's bytes and packs its siblings
     to free the rest. A contiguous copy of the kept view (made in forward, read by backward in
     its place) holds what the plan counts. Left alone where the activation is held anyway (saved
-    whole, returned, or an input) or the kept views are no smaller than it. Returns the names
-    of the views copied.
+    whole, returned, or an input), the kept views are no smaller than it, or one is bool (×1
+    would promote it). Returns the names of the views copied.
     """
     outputs = list(fwd.graph.output_node().args[0])
     returned = _user_outputs(fwd, num_fwd_outputs)
@@ -667,13 +696,17 @@ def _copy_views_kept_of_packed_(fwd: torch.fx.GraphModule, bwd: torch.fx.GraphMo
         if (base.op == "placeholder" or base in returned or base in views or not kept or len(kept) == len(views)
                 or not isinstance(base_val, torch.Tensor)):
             continue
-        if sum(v.meta["val"].numel() * v.meta["val"].element_size() for v in kept) >= base_val.untyped_storage().nbytes():
+        if any(u.target is aten.as_strided.default for v in kept for u in placeholders[v.name].users):
+            continue   # reads the view's strides, which a contiguous copy does not have
+        if (sum(v.meta["val"].numel() * v.meta["val"].element_size() for v in kept) >= base_val.untyped_storage().nbytes()
+                or any(v.meta["val"].dtype == torch.bool for v in kept)):
             continue
         for view in kept:
             with fwd.graph.inserting_after(view):
-                copy = fwd.graph.call_function(aten.clone.default, (view,), {"memory_format": torch.contiguous_format})
+                copy = fwd.graph.call_function(*_copy_op(view))
             with fake_mode:
-                copy.meta["val"] = view.meta["val"].clone(memory_format=torch.contiguous_format)
+                copy.meta["val"] = copy.target(*[a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in copy.args],
+                                               **copy.kwargs)
             outputs[outputs.index(view)] = copy
             in_backward = placeholders[view.name]
             ph = crossing_placeholder(fwd, bwd, copy, before=in_backward)
