@@ -551,6 +551,13 @@ def _saved_storages(step):
     return seen, out
 
 
+def _held_beyond(seen: dict, model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the storages in ``seen`` (:func:`_saved_storages`) that neither the input nor the
+    model's parameters and buffers hold anyway: what the forward keeps for backward."""
+    held_anyway = {t.untyped_storage().data_ptr() for t in [x, *model.parameters(), *model.buffers()]}
+    return sum(nbytes for ptr, nbytes in seen.items() if ptr not in held_anyway)
+
+
 def test_a_conv_net_holds_no_more_than_its_plan_under_compile():
     """Inductor copies saved 4-D inputs (conv weights, the image) to channels-last and holds the
     copies until backward; saved as 1-D views they are the inputs' own storages, so what the
@@ -565,12 +572,11 @@ def test_a_conv_net_holds_no_more_than_its_plan_under_compile():
         be = actcompile.backend(budget=budget)
         compiled = torch.compile(trained, backend=be)
         grads_of(compiled, x, labels)   # compile outside the hooks
-        held_anyway = {t.untyped_storage().data_ptr() for t in [x, *trained.parameters(), *trained.buffers()]}
         seen, out = _saved_storages(lambda: compiled(x))
         (plan,) = be.plans
         weights = {p.untyped_storage().data_ptr() for p in trained.parameters() if p.dim() == 4}
         assert weights <= set(seen), "a conv weight was saved as a copy, not as itself"
-        held = sum(nbytes for ptr, nbytes in seen.items() if ptr not in held_anyway)
+        held = _held_beyond(seen, trained, x)
         assert held <= plan.planned_bytes <= plan.budget_bytes, (budget, held, plan.planned_bytes, plan.budget_bytes)
         F.cross_entropy(out, labels).backward()
         trained.zero_grad(set_to_none=True)
@@ -596,9 +602,8 @@ def test_a_plan_that_must_lose_precision_lets_inductor_recompute_more():
         got = grads_of(compiled, x, labels)[1]
         (plan,) = be.plans
         assert plan.planned_bytes <= plan.budget_bytes
-        held_anyway = {t.untyped_storage().data_ptr() for t in [x, *trained.parameters(), *trained.buffers()]}
         seen, _ = _saved_storages(lambda: compiled(x))
-        held = sum(nbytes for ptr, nbytes in seen.items() if ptr not in held_anyway)
+        held = _held_beyond(seen, trained, x)
         assert held <= plan.budget_bytes, (recompute, held, plan.budget_bytes)
         found[recompute] = (be.memory_budgets[0], plan, F.cosine_similarity(got, reference, dim=0).item())
     (kept_budget, kept_plan, kept_cos), (joint_budget, joint_plan, joint_cos) = found[False], found[True]
@@ -650,9 +655,8 @@ def test_a_lossy_plan_over_a_recomputing_partition_is_kept_by_its_measured_gradi
         compiled = torch.compile(model, backend=be)
         got = grads(compiled)
         (plan,) = be.plans
-        held_anyway = {t.untyped_storage().data_ptr() for t in [x, *model.parameters()]}
         seen, _ = _saved_storages(lambda: compiled(x))
-        held = sum(nbytes for ptr, nbytes in seen.items() if ptr not in held_anyway)
+        held = _held_beyond(seen, model, x)
         assert held <= plan.budget_bytes, (recompute, held, plan.budget_bytes)
         found[recompute] = (be.memory_budgets[0], plan, F.cosine_similarity(got, reference, dim=0).item())
     (kept_budget, kept_plan, kept_cos), (joint_budget, joint_plan, joint_cos) = found[False], found[True]
@@ -729,8 +733,7 @@ def test_a_kept_piece_of_a_packed_activation_is_saved_as_a_copy():
         inductor._copy_views_kept_of_packed_ = original
     (plan,) = be.plans
     assert copied and plan.assignments, (copied, plan)
-    held_anyway = {t.untyped_storage().data_ptr() for t in [x, *model.parameters()]}
-    held = sum(nbytes for ptr, nbytes in seen.items() if ptr not in held_anyway)
+    held = _held_beyond(seen, model, x)
     assert held <= plan.budget_bytes, (held, plan.budget_bytes)
     cos = F.cosine_similarity(torch.cat([g.flatten() for g in got]), torch.cat([g.flatten() for g in reference]), dim=0)
     assert cos > 0.999, cos
