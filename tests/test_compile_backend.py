@@ -757,3 +757,42 @@ def test_a_value_crossing_to_backward_keeps_one_name_in_both_graphs():
         assert ph.name == value.name and ph.op == "placeholder", (ph.name, value.name)
         names.append(value.name)
     assert len(set(names)) == 3 and gone.name not in names, names
+
+
+class _DropoutBlock(_Block):
+    """:class:`_Block` with dropout after its attention and its MLP."""
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+        x = x + F.dropout(self.proj(a), 0.5, self.training)
+        return x + F.dropout(self.fc2(F.gelu(self.fc1(self.ln2(x)))), 0.5, self.training)
+
+
+def test_no_partition_is_kept_whose_backward_draws_other_dropout_masks():
+    """Inductor's partitions at activation_memory_budget < 1 recompute the dropout seeds in
+    backward (on CPU), so backward would use other masks than forward: a wrong gradient no
+    gradient-error probe sees (it compares the partition with itself). Such a partition is never
+    kept; the gradient is plain torch.compile's, up to the plan's codecs."""
+    from actcompile.compile_backend import draws_random
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_DropoutBlock(), _DropoutBlock(), nn.LayerNorm(64))
+    x, target = torch.randn(4, 64, 64), torch.randn(4, 64, 64)
+
+    def grads(run):
+        for p in model.parameters():
+            p.grad = None
+        torch.manual_seed(1)   # the same forward masks in every run
+        F.mse_loss(run(x), target).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()]).double()
+
+    torch._dynamo.reset()
+    reference = grads(torch.compile(model))
+    torch._dynamo.reset()
+    be = actcompile.backend(budget=0.25)
+    got = grads(torch.compile(model, backend=be))
+    assert be.memory_budgets == [1.0], be.memory_budgets
+    cosine = F.cosine_similarity(got, reference, dim=0).item()
+    assert cosine > 0.995, cosine
