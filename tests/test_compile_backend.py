@@ -770,13 +770,14 @@ class _DropoutBlock(_Block):
         return x + F.dropout(self.fc2(F.gelu(self.fc1(self.ln2(x)))), 0.5, self.training)
 
 
-def test_no_partition_is_kept_whose_backward_draws_other_dropout_masks():
+def test_a_recomputing_partition_reuses_the_forwards_dropout_masks():
     """Inductor's partitions at activation_memory_budget < 1 recompute the dropout seeds in
     backward (on CPU), so backward would use other masks than forward: a wrong gradient no
-    gradient-error probe sees (it compares the partition with itself). Such a partition is never
-    kept; the gradient is plain torch.compile's, up to the plan's codecs."""
-    from actcompile.compile_backend import draws_random
-
+    gradient-error probe sees (it compares the partition with itself). The seeds are saved
+    instead (a few bytes), so the partition that recomputes more keeps the forward's masks and
+    is kept by its (small) measured error: the gradient is plain torch.compile's. Measured:
+    with the seeds recomputed, cosine 0.739; with such partitions refused, the default
+    partition's lossy plan; with the seeds saved, 0.99999995."""
     torch.manual_seed(0)
     model = nn.Sequential(_DropoutBlock(), _DropoutBlock(), nn.LayerNorm(64))
     x, target = torch.randn(4, 64, 64), torch.randn(4, 64, 64)
@@ -793,6 +794,6 @@ def test_no_partition_is_kept_whose_backward_draws_other_dropout_masks():
     torch._dynamo.reset()
     be = actcompile.backend(budget=0.25)
     got = grads(torch.compile(model, backend=be))
-    assert be.memory_budgets == [1.0], be.memory_budgets
+    assert be.memory_budgets[0] < 1.0, "the partition recomputing more should be kept here"
     cosine = F.cosine_similarity(got, reference, dim=0).item()
-    assert cosine > 0.995, cosine
+    assert cosine > 0.9999, cosine
