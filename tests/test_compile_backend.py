@@ -1,5 +1,7 @@
 """The Inductor back end: torch.compile(model, backend="actcompile"), planned over what Inductor saves."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -613,6 +615,16 @@ def test_a_plan_that_must_lose_precision_lets_inductor_recompute_more():
     assert 1 - joint_cos < 1 - kept_cos, f"gradient cosine: recompute {joint_cos:.6f}, codecs alone {kept_cos:.6f}"
 
 
+def _mse_grads(model: nn.Module, x: torch.Tensor, target: torch.Tensor, run) -> torch.Tensor:
+    """``model``'s parameter gradients, flat, after an MSE step of ``run`` (``model`` or a compiled
+    form of it) on ``x``; the RNG seeded first, so dropout draws the same forward masks each run."""
+    for p in model.parameters():
+        p.grad = None
+    torch.manual_seed(1)
+    F.mse_loss(run(x), target).backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()]).double()
+
+
 class _Block(nn.Module):
     """A pre-norm transformer block (attention, then a GELU MLP)."""
 
@@ -641,11 +653,7 @@ def test_a_lossy_plan_over_a_recomputing_partition_is_kept_by_its_measured_gradi
     model = nn.Sequential(_Block(), _Block(), nn.LayerNorm(64))
     x, target = torch.randn(4, 64, 64), torch.randn(4, 64, 64)
 
-    def grads(run):
-        for p in model.parameters():
-            p.grad = None
-        F.mse_loss(run(x), target).backward()
-        return torch.cat([p.grad.flatten() for p in model.parameters()]).double()
+    grads = functools.partial(_mse_grads, model, x, target)
 
     reference = grads(model)
     found = {}
@@ -782,12 +790,7 @@ def test_a_recomputing_partition_reuses_the_forwards_dropout_masks():
     model = nn.Sequential(_DropoutBlock(), _DropoutBlock(), nn.LayerNorm(64))
     x, target = torch.randn(4, 64, 64), torch.randn(4, 64, 64)
 
-    def grads(run):
-        for p in model.parameters():
-            p.grad = None
-        torch.manual_seed(1)   # the same forward masks in every run
-        F.mse_loss(run(x), target).backward()
-        return torch.cat([p.grad.flatten() for p in model.parameters()]).double()
+    grads = functools.partial(_mse_grads, model, x, target)
 
     torch._dynamo.reset()
     reference = grads(torch.compile(model))
