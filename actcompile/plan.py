@@ -282,10 +282,21 @@ class Plan:
     skipped: tuple[Skip, ...]
     # the nodes that save something, in graph order (for plot()); () in plans made before it was kept
     node_order: tuple[str, ...] = ()
+    # what the uncompressed forward's heap holds besides its storages: autograd's records, the
+    # per-node reserve (CompileConfig.reserve_bytes_per_node, or the size a heap check measured)
+    # times the autograd nodes it leaves; 0 where not profiled here
+    records_bytes: int = 0
 
     def __post_init__(self):
         _require(self.budget_bytes >= 0, "Plan", "budget_bytes", self.budget_bytes, "must be >= 0")
         _require(self.baseline_bytes >= 0, "Plan", "baseline_bytes", self.baseline_bytes, "must be >= 0")
+        _require(self.records_bytes >= 0, "Plan", "records_bytes", self.records_bytes, "must be >= 0")
+
+    @property
+    def predicted_heap_bytes(self) -> int:
+        """The analyzer's prediction of the heap growth across an uncompressed forward: the
+        storages (``baseline_bytes``) and autograd's records (``records_bytes``)."""
+        return self.baseline_bytes + self.records_bytes
 
     @property
     def assignments(self) -> tuple[Assignment, ...]:
@@ -334,7 +345,8 @@ class Plan:
         skipped = tuple(Skip(**dict(s, reason=SkipReason(s["reason"]), saved_by=tuples(s.get("saved_by", []))))
                         for s in data["skipped"])
         return cls(budget_bytes=data["budget_bytes"], baseline_bytes=data["baseline_bytes"],
-                   regions=regions, skipped=skipped, node_order=tuple(data.get("node_order", ())))
+                   regions=regions, skipped=skipped, node_order=tuple(data.get("node_order", ())),
+                   records_bytes=data.get("records_bytes", 0))
 
     def plot(self, path, **options):
         """Save a picture of this plan to ``path`` (see :func:`actcompile.plot.plot_plan`; needs matplotlib)."""
@@ -435,6 +447,11 @@ class ModelPlan:
     @property
     def planned_bytes(self) -> int:
         return sum(s.plan.planned_bytes for s in self.sections)
+
+    @property
+    def predicted_heap_bytes(self) -> int:
+        """As :attr:`Plan.predicted_heap_bytes`, over every section."""
+        return sum(s.plan.predicted_heap_bytes for s in self.sections)
 
     @property
     def regions(self) -> tuple[Region, ...]:

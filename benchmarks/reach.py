@@ -22,7 +22,8 @@ whole pages, ~1.8 KB per autograd node on GPT-2-small against the 1,024 B prior,
 forwards of a plan near its budget can be over by a few tenths of a percent (run 4's notes). **grad cosine**: all parameter gradients
 against the uncompressed step with the model's real loss (cross-entropy; the LM loss), dropout
 off. **plan s**: ``plan.planning_seconds``. **analyzer / heap**: the plan's predicted
-uncompressed bytes (``plan.baseline_bytes``, from FakeTensors) over the measured uncompressed MB. Codec kernels run eagerly
+uncompressed heap growth (``plan.predicted_heap_bytes``: the storages FakeTensors show, and
+autograd's records at the per-node reserve) over the measured uncompressed MB. Codec kernels run eagerly
 (``ACTCOMPILE_COMPILE_CODECS=0``): compiling them takes minutes per shape on this machine and
 changes the time, not the memory or the gradients.
 
@@ -84,7 +85,7 @@ def measure_model(name: str, fractions, modes) -> list[dict]:
             got = torch.cat([p.grad.flatten() for p in own]).double()
             plan = trained.plan
             row.update(plan_s=plan.planning_seconds, grad_cosine=F.cosine_similarity(got, reference, dim=0).item(),
-                       analyzer_bytes=plan.baseline_bytes,
+                       analyzer_bytes=plan.predicted_heap_bytes,
                        recomputed=sum(1 for a in plan.assignments if a.codec == "recompute"),
                        codecs=sorted({a.codec for a in plan.assignments} - {"recompute"}))
             row.update(measure_memory(trained, own, inputs, loss))

@@ -389,7 +389,8 @@ def choose_plans(profiles: list[MemoryProfile], config: CompileConfig, calibrati
     shares = [p + slack * b // total for p, b in zip(planned, baselines)]   # per call
     return [Plan(budget_bytes=share, baseline_bytes=problem.profile.baseline_bytes,
                  regions=_regions(assignments, problem.profile.node_order), skipped=tuple(skips),
-                 node_order=_saving_nodes(assignments, skips, problem.profile.node_order))
+                 node_order=_saving_nodes(assignments, skips, problem.profile.node_order),
+                 records_bytes=config.reserve_bytes_per_node * problem.profile.autograd_nodes)
             for share, problem, (assignments, skips) in zip(shares, problems, decoded)]
 
 

@@ -322,6 +322,18 @@ def test_explain_returns_plan_and_rewrites_nothing():
     assert ModelPlan.from_json(plan.to_json()) == plan
 
 
+def test_predicted_heap_adds_autograds_records_to_the_storages():
+    """The heap an uncompressed forward grows by is its storages plus autograd's records; the
+    plan predicts both, at the per-node reserve, and a saved plan keeps the prediction."""
+    model, x = small_cnn()
+    wrapped = actcompile(model, budget=1.0, example_inputs=x, codecs=["none"])
+    plan, nodes = wrapped.plan, sum(s.autograd_nodes for s in wrapped._graphs.values())
+    assert nodes > 0
+    reserve = wrapped.compile_config.reserve_bytes_per_node
+    assert plan.predicted_heap_bytes == plan.baseline_bytes + reserve * nodes
+    assert ModelPlan.from_json(plan.to_json()).predicted_heap_bytes == plan.predicted_heap_bytes
+
+
 def test_budget_already_met_compresses_nothing():
     model, x = small_cnn()
     plan = explain(model, x, budget=1.0)
