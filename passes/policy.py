@@ -243,11 +243,12 @@ class _GraphProblem:
         assignments = []
         for g in recomputed:
             freed = [k for k in g.members if self.candidates[k].index in g.freed]
+            freed_set, boundary_set = set(freed), set(g.boundary)   # a segment may have thousands of members
             for k in g.members:
                 t = self.candidates[k]
-                if k in freed:
+                if k in freed_set:
                     skips.append(Skip(t.node, t.ordinal, SkipReason.RECOMPUTED, g.segment.nodes[0], t.nbytes))
-                elif k not in g.boundary:
+                elif k not in boundary_set:
                     skips.append(Skip(t.node, t.ordinal, SkipReason.NOT_NEEDED,
                                       f"held whole to recompute {g.segment.nodes[0]}..{g.segment.nodes[-1]}", t.nbytes))
             index_of = {self.candidates[k].index: k for k in g.boundary}
@@ -255,7 +256,7 @@ class _GraphProblem:
                            for name, i in g.segment.boundary_inputs
                            if i in index_of and self.per_tensor[index_of[i]][picks[index_of[i]]][0] is not None)
             before = sum(self.candidates[k].nbytes for k in freed) + g.fixed_freed
-            crossing = sum(self.candidates[k].nbytes for k in g.members if k not in freed and k not in g.boundary)
+            crossing = sum(self.candidates[k].nbytes for k in g.members if k not in freed_set and k not in boundary_set)
             assignments.append(Assignment(node=g.segment.nodes[0], ordinal=0, codec=RECOMPUTE,
                                           options=(("nodes", g.segment.nodes), ("held", g.segment.held),
                                                    ("packed", packed)),

@@ -24,6 +24,7 @@ False
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -49,6 +50,16 @@ def spec_of(t: SavedTensor) -> TensorSpec:
 
 def exact_for_use(codec, uses) -> bool:
     """True if every backward in ``uses`` reads only what ``codec`` keeps exactly."""
+    if getattr(codec, "exact_for", None) is None or not uses:
+        return False
+    try:
+        return _exact_for_use(codec, tuple(uses))
+    except TypeError:   # a codec that cannot be hashed: asked afresh
+        return _exact_for_use.__wrapped__(codec, tuple(uses))
+
+
+@functools.lru_cache(maxsize=4096)   # asked per candidate and per assignment: thousands on a deep graph
+def _exact_for_use(codec, uses: tuple) -> bool:
     exact_for = getattr(codec, "exact_for", None)
     if exact_for is None or not uses:
         return False

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from actcompile.plan import MemoryProfile, NodeRecord, TensorKind
+from actcompile.plan import MemoryProfile, NodeRecord, SavedTensor, TensorKind
 
 _HELD_KINDS = (TensorKind.BUFFER.value, TensorKind.HELD.value)
 
@@ -62,10 +62,14 @@ def find_segments(profile: MemoryProfile) -> list[Segment]:
     savers: dict[int, set[str]] = {}
     for e in profile.events:
         savers.setdefault(e.storage, set()).add(e.node)
+    tensors = {t.index: t for t in profile.tensors}
+    saved_by_node: dict[str, list[tuple[int, int]]] = {}   # node -> (position in profile.tensors, storage)
+    for position, t in enumerate(profile.tensors):
+        saved_by_node.setdefault(t.node, []).append((position, t.index))
     segments = []
     for run in _runs(profile.nodes, records, first_maker):
         for piece in _cut(run, records, first_maker, profile):
-            segment = _segment(piece, records, first_maker, profile, savers)
+            segment = _segment(piece, records, first_maker, tensors, saved_by_node, savers)
             if segment.owned:
                 segments.append(segment)
     return segments
@@ -142,10 +146,13 @@ def _cut(run: list[str], records: dict[str, NodeRecord], first_maker: dict[int, 
 
 
 def _segment(piece: list[str], records: dict[str, NodeRecord], first_maker: dict[int, str],
-             profile: MemoryProfile, savers: dict[int, set[str]]) -> Segment:
+             tensors: dict[int, SavedTensor], saved_by_node: dict[str, list[tuple[int, int]]],
+             savers: dict[int, set[str]]) -> Segment:
+    """``piece`` as a :class:`Segment`; ``tensors`` by storage index, ``saved_by_node`` the
+    storages each node saves first, with their position in the profile (both built once per
+    profile, so a segment costs its own nodes, not the whole graph)."""
     inside = set(piece)
-    tensors = {t.index: t for t in profile.tensors}
-    owned = tuple(t.index for t in profile.tensors if t.node in inside)
+    owned = tuple(i for _, i in sorted(p for n in piece for p in saved_by_node.get(n, ())))
     freed = tuple(i for i in owned
                   if tensors[i].is_activation and not tensors[i].saved_later
                   and first_maker.get(i, tensors[i].node) in inside and savers.get(i, set()) <= inside)

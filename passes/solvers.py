@@ -185,30 +185,66 @@ def merge_items(items: list[list[Option]], limit: int = 128) -> tuple[list[Optio
     The first is always every member's first option (``keep as is``), even where dominated.
 
     The policy decides a recomputable segment's storages together (recompute them all, or give
-    each its own option): the merged item is the second choice, next to the first.
+    each its own option): the merged item is the second choice, next to the first. The front is
+    kept as arrays, each sum pointing back at the sum it extends (not a tuple of picks per sum:
+    that made merging a segment of ``m`` members cost ``m²``; a 10,000-node graph's segments
+    merged in ~3 s that way, see ``benchmarks/results/planning.md`` run 4).
 
     >>> options, picks = merge_items([[Option(100, 0.0), Option(10, 1.0)], [Option(50, 0.0), Option(20, 0.5)]])
     >>> [(o.nbytes, o.cost) for o in options], picks
     ([(150, 0.0), (120, 0.5), (60, 1.0), (30, 1.5)], [(0, 0), (0, 1), (1, 0), (1, 1)])
     """
-    front: list[tuple[Option, tuple[int, ...]]] = [(Option(0, 0.0), ())]
+    front_bytes, front_cost = np.zeros(1, dtype=np.int64), np.zeros(1)
+    steps: list[tuple[np.ndarray, np.ndarray]] = []   # per member: (parent in the previous front, its option)
     for opts in items:
-        sums = [(Option(a.nbytes + o.nbytes, a.cost + o.cost), picks + (i,))
-                for a, picks in front for i, o in enumerate(opts)]
-        sums.sort(key=lambda s: (s[0].nbytes, s[0].cost))
-        front = []
-        for s in sums:   # smallest first: keep each sum cheaper than every smaller one
-            if not front or s[0].cost < front[-1][0].cost:
-                front.append(s)
-        if len(front) > limit:
-            options = [o for o, _ in front]
-            keep = set(_lower_hull(options))
-            rest = [i for i in range(len(front)) if i not in keep]
-            room = max(0, limit - len(keep))
-            if room:
-                keep.update(rest[int(k * len(rest) / room)] for k in range(room))
-            front = [front[i] for i in sorted(keep)]
-        front.sort(key=lambda s: (-s[0].nbytes, s[0].cost))
+        option_bytes = np.array([o.nbytes for o in opts], dtype=np.int64)
+        option_cost = np.array([o.cost for o in opts], dtype=np.float64)
+        sum_bytes = (front_bytes[:, None] + option_bytes[None, :]).ravel()
+        sum_cost = (front_cost[:, None] + option_cost[None, :]).ravel()
+        order = np.lexsort((sum_cost, sum_bytes))      # smallest first, then cheapest
+        sum_bytes, sum_cost = sum_bytes[order], sum_cost[order]
+        # keep each sum cheaper than every smaller one
+        cheapest_before = np.minimum.accumulate(sum_cost)
+        kept = np.ones(len(order), dtype=bool)
+        kept[1:] = sum_cost[1:] < cheapest_before[:-1]
+        order, sum_bytes, sum_cost = order[kept], sum_bytes[kept], sum_cost[kept]
+        if len(order) > limit:
+            keep = _pareto_hull(sum_bytes, sum_cost)
+            rest = np.flatnonzero(~keep)
+            room = max(0, limit - int(keep.sum()))
+            if room and len(rest):
+                keep[rest[(np.arange(room) * len(rest)) // room]] = True
+            order, sum_bytes, sum_cost = order[keep], sum_bytes[keep], sum_cost[keep]
+        steps.append((order // len(opts), order % len(opts)))
+        front_bytes, front_cost = sum_bytes[::-1], sum_cost[::-1]   # largest first, as the options go
+        steps[-1] = (steps[-1][0][::-1], steps[-1][1][::-1])
+    picks = np.zeros((len(front_bytes), len(items)), dtype=np.int64)
+    at = np.arange(len(front_bytes))
+    for member in range(len(items) - 1, -1, -1):
+        parent, option = steps[member]
+        picks[:, member] = option[at]
+        at = parent[at]
     first = (Option(sum(opts[0].nbytes for opts in items), sum(opts[0].cost for opts in items)), (0,) * len(items))
-    front = [first] + [s for s in front if s[1] != first[1]]   # every member's first option stays first
-    return [o for o, _ in front], [p for _, p in front]
+    merged = [(Option(b, c), tuple(row))
+              for b, c, row in zip(front_bytes.tolist(), front_cost.tolist(), picks.tolist())]
+    merged = [first] + [m for m in merged if m[1] != first[1]]   # every member's first option stays first
+    return [o for o, _ in merged], [p for _, p in merged]
+
+
+def _pareto_hull(nbytes: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """Which points of a Pareto front (bytes rising, cost falling) are on its lower convex hull:
+    a point on or above the chord of its two neighbours is not, and all such points are dropped
+    at once, until none is left (each pass drops only points off the hull)."""
+    on = np.ones(len(nbytes), dtype=bool)
+    while True:
+        idx = np.flatnonzero(on)
+        if len(idx) < 3:
+            return on
+        b, c = nbytes[idx].astype(np.float64), cost[idx]
+        # slope a→j ≥ slope j→o (bytes rising): j is not below the chord a→o
+        left = (c[1:-1] - c[:-2]) * (b[2:] - b[1:-1])
+        right = (c[2:] - c[1:-1]) * (b[1:-1] - b[:-2])
+        off = left >= right
+        if not off.any():
+            return on
+        on[idx[1:-1][off]] = False
