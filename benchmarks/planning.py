@@ -5,8 +5,14 @@ graphs and calibrates every candidate codec on every saved tensor, the FakeTenso
 the knapsack); its time is the plan's ``planning_seconds`` (each ``explain`` traces afresh,
 as a new model would). Calibration time is split by codec (summed over tensors and ε).
 
+``--deep N`` plans a residual stack of ``N`` blocks instead (LayerNorm, scale, tanh, add: four
+graph nodes each, ~10,000 at ``N = 2500``) and splits the time into the policy pass
+(``choose_plans``: the recomputable segments, their merged options, the knapsack) and the rest
+(Dynamo's trace, the FakeTensor profiles, the capture forward and its calibration).
+
     python benchmarks/planning.py > benchmarks/results/planning.md
     python benchmarks/planning.py --model resnet18 --batch 8 --size 64
+    python benchmarks/planning.py --deep 2500
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import argparse
 import collections
 import datetime
 import platform
+import sys
 import time
 
 import torch
@@ -31,7 +38,10 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--budget", type=float, default=0.125)
     parser.add_argument("--repeat", type=int, default=2, help="plans per codec set; the fastest is shown")
+    parser.add_argument("--deep", type=int, default=0, metavar="N", help="plan a residual stack of N blocks instead")
     ns = parser.parse_args(argv)
+    if ns.deep:
+        return plan_deep(ns.deep, ns.budget, argv if argv is not None else sys.argv[1:])
     seconds, calls = collections.Counter(), collections.Counter()
     measure = calibrate.measure
 
@@ -80,6 +90,59 @@ def main(argv=None) -> None:
         planning, calibration, by_codec = min(runs, key=lambda r: r[0])
         split = ", ".join(f"{name} {s:.1f}" for name, s in by_codec)
         print(f"| {codecs or 'default'} | {planning:.1f} | {calibration:.1f} | {split} |", flush=True)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(width)
+        self.scale = torch.nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        return x + torch.tanh(self.norm(x) * self.scale)
+
+
+class _Deep(torch.nn.Module):
+    def __init__(self, blocks: int, width: int):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_Block(width) for _ in range(blocks))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x.sum()
+
+
+def plan_deep(blocks: int, budget: float, argv) -> None:
+    """Time the policy pass on one large graph (see the module doc)."""
+    import actcompile.api as api
+
+    policy_seconds, graph_nodes = [], []
+    choose_plans = api.choose_plans
+
+    def timed(profiles, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return choose_plans(profiles, *args, **kwargs)
+        finally:
+            policy_seconds.append(time.perf_counter() - start)
+            graph_nodes.append(sum(len(p.nodes) for p in profiles))
+
+    api.choose_plans = timed
+    torch.manual_seed(0)
+    model, x = _Deep(blocks, 1024), torch.randn(16, 1024)
+    plan = explain(model, x, budget=budget)
+    recomputed = sum(1 for a in plan.assignments if a.codec == "recompute")
+    print(f"Command: `python benchmarks/planning.py {' '.join(argv)}`  ")
+    print(f"Date: {datetime.date.today().isoformat()}  ")
+    print(f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU  ")
+    print(f"Model: {blocks} residual blocks (LayerNorm, scale, tanh, add) of width 1024, batch 16, budget {budget:g}\n")
+    print("| graph nodes | saved tensors | planning s | policy pass s | the rest s | recomputed segments | codecs |")
+    print("|---|---|---|---|---|---|---|")
+    codecs = sorted({a.codec for a in plan.assignments} - {"recompute"})
+    print(f"| {max(graph_nodes)} | {len(plan.assignments) + len(plan.skipped)} | {plan.planning_seconds:.1f} "
+          f"| {sum(policy_seconds):.2f} | {plan.planning_seconds - sum(policy_seconds):.1f} | {recomputed} "
+          f"| {', '.join(codecs)} |")
 
 
 if __name__ == "__main__":
