@@ -29,6 +29,7 @@ changes the time, not the memory or the gradients.
 
     python benchmarks/reach.py > benchmarks/results/reach.md
     python benchmarks/reach.py --models resnet18 --budgets 0.125 --modes lossy joint
+    python benchmarks/reach.py --codecs all     # the lossy and joint plans offered every codec
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ MODES = ("lossy", "recompute", "joint")
 OPTIONS = {"lossy": dict(recompute=False), "recompute": dict(codecs=["none"]), "joint": {}}
 
 
-def measure_model(name: str, fractions, modes) -> list[dict]:
-    """Every (budget, mode) row of one model, in this process."""
+def measure_model(name: str, fractions, modes, codecs=None) -> list[dict]:
+    """Every (budget, mode) row of one model, in this process; ``codecs`` (None: the default set)
+    are offered to the lossy and joint plans."""
     import copy
 
     from actcompile import actcompile
@@ -76,7 +78,10 @@ def measure_model(name: str, fractions, modes) -> list[dict]:
             copied = copy.deepcopy(model)
             own = [p for p in copied.parameters() if p.requires_grad]
             try:
-                trained = actcompile(copied, budget=row["budget_bytes"], example_inputs=inputs, **OPTIONS[mode])
+                options = dict(OPTIONS[mode])
+                if codecs is not None and mode != "recompute":
+                    options["codecs"] = codecs
+                trained = actcompile(copied, budget=row["budget_bytes"], example_inputs=inputs, **options)
             except BudgetError as err:
                 row["error"] = f"no plan (smallest {err.smallest_bytes / 1e6:.2f} MB)"
                 continue
@@ -100,10 +105,11 @@ def measure_model(name: str, fractions, modes) -> list[dict]:
     return rows
 
 
-def run_child(name, fractions, modes) -> list[dict]:
+def run_child(name, fractions, modes, codecs=None) -> list[dict]:
     env = dict(os.environ, MALLOC_ARENA_MAX="1", MALLOC_MMAP_THRESHOLD_="65536",
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), ACTCOMPILE_COMPILE_CODECS="0")
-    cmd = [sys.executable, __file__, "--one", name, json.dumps(list(fractions)), json.dumps(list(modes))]
+    cmd = [sys.executable, __file__, "--one", name, json.dumps(list(fractions)), json.dumps(list(modes)),
+           json.dumps(codecs)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=7200)
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
@@ -117,12 +123,14 @@ def main(argv=None) -> None:
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--budgets", nargs="+", type=float, default=BUDGETS)
     parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
-    parser.add_argument("--one", nargs=3, metavar=("MODEL", "FRACTIONS", "MODES"), help=argparse.SUPPRESS)
+    parser.add_argument("--codecs", default=None,
+                        help='codecs offered to the lossy and joint plans ("all", or names joined by commas)')
+    parser.add_argument("--one", nargs=4, metavar=("MODEL", "FRACTIONS", "MODES", "CODECS"), help=argparse.SUPPRESS)
     ns = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     if ns.one:
-        name, fractions, modes = ns.one
-        print(json.dumps(measure_model(name, json.loads(fractions), json.loads(modes))))
+        name, fractions, modes, codecs = ns.one
+        print(json.dumps(measure_model(name, json.loads(fractions), json.loads(modes), json.loads(codecs))))
         return
     print(f"Date: {datetime.date.today()}  \nCommand: `python benchmarks/reach.py {' '.join(argv or sys.argv[1:])}`  \n"
           f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU\n")
@@ -130,7 +138,8 @@ def main(argv=None) -> None:
           "| grad cosine | step × | plan s | recomputed segments | codecs |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in ns.models:
-        for r in run_child(name, ns.budgets, ns.modes):
+        codecs = ns.codecs if ns.codecs in (None, "all") else ns.codecs.split(",")
+        for r in run_child(name, ns.budgets, ns.modes, codecs):
             head = f"| {name} | 1/{round(1 / r['fraction'])} | {r['mode']} "
             if "activation_bytes" not in r:
                 budget = f"{r['budget_bytes'] / 1e6:.2f}" if "budget_bytes" in r else ""
