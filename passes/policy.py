@@ -45,7 +45,7 @@ from actcompile.codecs.base import codec_options
 from actcompile.config import CompileConfig
 from actcompile.errors import BudgetError
 from actcompile.plan import (RECOMPUTE, Assignment, MemoryProfile, Plan, Region, SavedTensor, Skip, SkipReason,
-                             format_bytes)
+                             TensorKind, format_bytes)
 from actcompile.passes.rules import exact_for_use, others_of, reads_sign, saves_by_storage, split_candidates
 from actcompile.passes.segments import Segment, find_segments
 from actcompile.passes.solvers import Option, choose_options, choose_options_within, merge_items, smallest_total
@@ -370,13 +370,17 @@ def choose_plans(profiles: list[MemoryProfile], config: CompileConfig, calibrati
             chosen = choose_options(items, budget_bytes - fixed - reserve)
         if chosen is None:
             smallest = fixed + reserve + sum(min(o.nbytes for o in opts) for opts in items)
+            returned = sum(r * _returned_bytes(p) for p, r in zip(profiles, repeats))
+            held = (f"; {format_bytes(returned)} of it is what the forward returns (its outputs and the saves "
+                    f"they alias, e.g. a key/value cache or logits): the caller holds those, so they count and "
+                    f"are never packed; a forward that returns less keeps less" if returned else "")
             raise BudgetError(
                 f"no plan fits the budget of {format_bytes(budget_bytes)} ({budget_bytes} B): the smallest "
                 f"achievable with codecs {[c.name for c in config.codecs]} is {format_bytes(smallest)} "
                 f"({smallest} B) of {format_bytes(baseline)} uncompressed; {format_bytes(fixed)} of it cannot "
                 f"be compressed (see Plan.skipped via explain()) and {format_bytes(reserve)} is kept free for "
                 f"autograd's own records and the packed tensors' holders (reserve_bytes_per_node, "
-                f"reserve_bytes_per_packed, reserve_bytes_per_segment)",
+                f"reserve_bytes_per_packed, reserve_bytes_per_segment){held}",
                 smallest_bytes=smallest,
             )
         decoded, offset = [], 0
@@ -393,6 +397,11 @@ def choose_plans(profiles: list[MemoryProfile], config: CompileConfig, calibrati
                  node_order=_saving_nodes(assignments, skips, problem.profile.node_order),
                  records_bytes=config.reserve_bytes_per_node * problem.profile.autograd_nodes)
             for share, problem, (assignments, skips) in zip(shares, problems, decoded)]
+
+
+def _returned_bytes(profile: MemoryProfile) -> int:
+    """Bytes of the storages the forward returns: read by no backward, or saved too (never packed)."""
+    return profile.output_bytes + sum(t.nbytes for t in profile.tensors if t.kind is TensorKind.OUTPUT)
 
 
 def _saving_nodes(assignments, skips, node_order: tuple[str, ...]) -> tuple[str, ...]:

@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -121,6 +122,22 @@ def test_a_saved_tensor_the_forward_returns_is_an_output_counted_once_and_never_
     assert any(s.reason is SkipReason.OUTPUT for s in plan.sections[0].plan.skipped)
 
 
+def test_a_budget_below_what_the_forward_returns_names_those_bytes():
+    """The caller holds what the forward returns (here the features, saved by the head too; in
+    a decoder the key/value cache and the logits): the error says how much of the smallest
+    plan that is, so the user knows to return less rather than to try other codecs."""
+    from actcompile import BudgetError, explain
+    from actcompile.plan import format_bytes
+
+    x = torch.randn(256, 64)
+    p = profile(Features(), x)
+    returned = p.output_bytes + sum(t.nbytes for t in p.tensors if t.kind is TensorKind.OUTPUT)
+    with pytest.raises(BudgetError) as info:
+        explain(Features(), x, budget=0.2)
+    assert f"{format_bytes(returned)} of it is what the forward returns" in str(info.value)
+    assert info.value.smallest_bytes > returned
+
+
 class _SplitCat(nn.Module):
     """Many small views saved by many nodes: autograd's records outweigh its default reserve."""
 
@@ -142,7 +159,6 @@ class _SplitCat(nn.Module):
 def test_a_reserve_too_small_for_autograds_records_grows_to_what_the_heap_holds():
     import warnings
 
-    import pytest
 
     from actcompile import PlanDriftWarning, actcompile
     from actcompile.measure import heap_measurable, kept_by_forward
@@ -176,7 +192,6 @@ def test_a_reserve_too_small_for_autograds_records_grows_to_what_the_heap_holds(
 
 
 def test_a_model_with_nothing_compressible_gets_an_empty_plan_when_the_budget_covers_its_fixed_bytes():
-    import pytest
 
     from actcompile import BudgetError, actcompile, explain
     from actcompile.measure import heap_measurable, kept_by_forward
@@ -203,7 +218,6 @@ def test_a_model_with_nothing_compressible_gets_an_empty_plan_when_the_budget_co
 def test_a_graph_part_the_loss_never_reaches_is_freed_every_step():
     """Layers in front of a no_grad block save tensors no backward reads; a node saving its own
     output must not keep them alive through the saved-tensor hooks (a cycle: +3.5 MB per step)."""
-    import pytest
 
     from actcompile import actcompile
     from actcompile.measure import heap_in_use, heap_measurable
@@ -240,7 +254,6 @@ def test_the_heap_is_no_longer_measured_once_a_plan_met_its_budget_three_checks_
     """Each heap check costs two full garbage collections (0.3 s in a process that imported
     transformers), so a plan whose forward kept within its budget at three checks in a row is
     trusted from then on; its codec-drift checks go on."""
-    import pytest
 
     import actcompile.api as api
     from actcompile import actcompile
@@ -291,7 +304,6 @@ class _Deepening(nn.Module):
 
 
 def test_a_graph_dynamo_recompiles_under_a_trusted_signature_has_its_heap_measured_again(monkeypatch):
-    import pytest
 
     import actcompile.api as api
     from actcompile import actcompile
@@ -322,7 +334,6 @@ def test_a_graph_that_saves_more_after_a_recompile_is_held_to_its_own_budget_not
     node) and re-planned with that reserve."""
     import warnings
 
-    import pytest
 
     from actcompile import PlanDriftWarning, actcompile
     from actcompile.measure import heap_measurable, kept_by_forward
@@ -357,7 +368,6 @@ def test_a_graph_that_saves_more_after_a_recompile_is_held_to_its_own_budget_not
 def test_the_heap_check_keeps_a_plan_it_cannot_improve_and_leaves_budget_one_alone():
     import warnings
 
-    import pytest
 
     from actcompile import PlanDriftWarning, actcompile
     from actcompile.measure import heap_measurable
@@ -415,7 +425,6 @@ class _ReversedHead(nn.Module):
 def test_what_a_custom_function_saves_is_counted_and_never_assumed_freed():
     """The Function keeps tanh's output alive until backward: no recomputation frees it, so a plan
     that counted it as freed kept 1.57× its budget (measured)."""
-    import pytest
 
     from actcompile import actcompile
     from actcompile.measure import heap_measurable, kept_by_forward
