@@ -188,7 +188,9 @@ def merge_items(items: list[list[Option]], limit: int = 128) -> tuple[list[Optio
     each its own option): the merged item is the second choice, next to the first. The front is
     kept as arrays, each sum pointing back at the sum it extends (not a tuple of picks per sum:
     that made merging a segment of ``m`` members cost ``m²``; a 10,000-node graph's segments
-    merged in ~3 s that way, see ``benchmarks/results/planning.md`` run 4).
+    merged in ~3 s that way, see ``benchmarks/results/planning.md`` run 4). Pruning keeps every
+    corner of the front's lower convex hull (what the knapsack's greedy walks); among points
+    collinear on it, which ones are kept may differ from a one-pass monotone chain's choice.
 
     >>> options, picks = merge_items([[Option(100, 0.0), Option(10, 1.0)], [Option(50, 0.0), Option(20, 0.5)]])
     >>> [(o.nbytes, o.cost) for o in options], picks

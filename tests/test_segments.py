@@ -183,6 +183,52 @@ def test_bad_time_model_options_are_refused(bad):
         explain(model, x, budget=0.5, time_weight=bad)
 
 
+def _strict_hull_vertices(points):
+    """The vertices of the lower convex hull of ``(bytes, cost)`` points (collinear ones are not)."""
+    from fractions import Fraction
+
+    hull = []
+    for b, c in sorted(set(points), key=lambda p: (p[0], p[1])):
+        if hull and hull[-1][0] == b:
+            continue
+        while len(hull) >= 2:
+            (b0, c0), (b1, c1) = hull[-2], hull[-1]
+            if Fraction(c1 - c0) * (b - b1) >= Fraction(c - c1) * (b1 - b0):
+                hull.pop()
+            else:
+                break
+        hull.append((b, c))
+    # keep the part of the chain that falls (a larger option that costs no less is never a vertex)
+    falling = [hull[0]]
+    for p in hull[1:]:
+        if p[1] < falling[-1][1]:
+            falling.append(p)
+    return falling[::-1]
+
+
+@pytest.mark.parametrize("copies", [False, True])
+def test_a_pruned_merge_keeps_every_vertex_of_the_lower_hull(copies):
+    """Pruned to ``limit`` options, the merged front still holds every corner of the lower convex
+    hull of all combinations (what the knapsack's greedy walks), also where many sums are
+    collinear: segments of one repeated block give each member the same options."""
+    rng = random.Random(1)
+    for _ in range(20):
+        block = [Option(rng.randrange(100, 1000) * 8, 0.0)] + [Option(rng.randrange(10, 800) * 8, float(rng.randrange(1, 20)))
+                                                               for _ in range(2)]
+        items = [block if copies else [Option(o.nbytes + rng.randrange(8), o.cost + rng.randrange(3)) for o in block]
+                 for _ in range(6)]
+        options, picks = merge_items(items, limit=8)
+        assert picks[0] == (0,) * 6
+        sums = [(sum(items[k][i].nbytes for k, i in enumerate(combo)), sum(items[k][i].cost for k, i in enumerate(combo)))
+                for combo in itertools.product(*(range(len(o)) for o in items))]
+        kept = {(o.nbytes, o.cost) for o in options}
+        for vertex in _strict_hull_vertices(sums):
+            assert vertex in kept, (vertex, sorted(kept))
+        for option, combo in zip(options, picks):
+            assert (option.nbytes, option.cost) == (sum(items[k][i].nbytes for k, i in enumerate(combo)),
+                                                    sum(items[k][i].cost for k, i in enumerate(combo)))
+
+
 def test_merged_items_are_the_pareto_front_of_all_combinations():
     rng = random.Random(0)
     for _ in range(50):
