@@ -370,10 +370,13 @@ def choose_plans(profiles: list[MemoryProfile], config: CompileConfig, calibrati
             chosen = choose_options(items, budget_bytes - fixed - reserve)
         if chosen is None:
             smallest = fixed + reserve + sum(min(o.nbytes for o in opts) for opts in items)
+            # Worth saying only where returning less could let a plan fit: a forward returning a
+            # key/value cache or logits larger than the overshoot, not a scalar loss.
             returned = sum(r * _returned_bytes(p) for p, r in zip(profiles, repeats))
-            held = (f"; {format_bytes(returned)} of it is what the forward returns (its outputs and the saves "
-                    f"they alias, e.g. a key/value cache or logits): the caller holds those, so they count and "
-                    f"are never packed; a forward that returns less keeps less" if returned else "")
+            held = (f"; of the bytes that cannot be compressed, {format_bytes(returned)} is what the forward "
+                    f"returns (its outputs and the saves they alias, e.g. a key/value cache or logits): the "
+                    f"caller holds those, so they count and are never packed; a forward that returns less "
+                    f"keeps less" if returned and returned >= smallest - budget_bytes else "")
             raise BudgetError(
                 f"no plan fits the budget of {format_bytes(budget_bytes)} ({budget_bytes} B): the smallest "
                 f"achievable with codecs {[c.name for c in config.codecs]} is {format_bytes(smallest)} "

@@ -52,10 +52,12 @@ def exact_for_use(codec, uses) -> bool:
     """True if every backward in ``uses`` reads only what ``codec`` keeps exactly."""
     if getattr(codec, "exact_for", None) is None or not uses:
         return False
+    uses = tuple(uses)
     try:
-        return _exact_for_use(codec, tuple(uses))
+        hash((codec, uses))
     except TypeError:   # a codec that cannot be hashed: asked afresh
-        return _exact_for_use.__wrapped__(codec, tuple(uses))
+        return _exact_for_use.__wrapped__(codec, uses)
+    return _exact_for_use(codec, uses)
 
 
 @functools.lru_cache(maxsize=4096)   # asked per candidate and per assignment: thousands on a deep graph
