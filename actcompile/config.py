@@ -96,9 +96,11 @@ def default_codecs(everything: bool = False) -> tuple:
     in the default set (benchmarks/results/reach.md run 3) GPT-2's joint plan at 1/4 fell to a
     gradient cosine of 0.986 (DCT, 4× cheaper to run than eager int4, took a tensor at ε 0.2;
     0.99999 with int4), and planning took 1.5-2.5× as long (ViT 14 s against 5.6 s) for
-    plans that seldom changed (reach.md run 5: one joint plan of twelve changed, planning 3-25×
-    as long). Their error is no worse for the gradient per unit of ε than a quantizer's
-    (benchmarks/results/error_structure.md): their calibration time is what keeps them out. The lossless integer codecs
+    plans that seldom changed (reach.md run 5: two joint plans of twelve differed, planning
+    2-29× as long). Where HOSVD, SVD, wavelet, FFT low-pass and thresholding planned, their
+    error reached the gradient about as much per unit of ε as a quantizer's
+    (benchmarks/results/error_structure.md; DCT unmeasured there): their calibration time is
+    what keeps them out. The lossless integer codecs
     (:mod:`actcompile.codecs.integer`) are not in either set: ``narrow_integers`` offers them."""
     from actcompile.codecs import available_codecs, get_codec
 

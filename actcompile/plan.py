@@ -284,7 +284,8 @@ class Plan:
     node_order: tuple[str, ...] = ()
     # what the uncompressed forward's heap holds besides its storages: autograd's records, the
     # per-node reserve (CompileConfig.reserve_bytes_per_node, or the size a heap check measured)
-    # times the autograd nodes it leaves; 0 where not profiled here
+    # times the autograd nodes it leaves; 0 where not profiled here or no reserve is kept (the
+    # compiled back end's plans: Inductor's partition decides what is saved)
     records_bytes: int = 0
 
     def __post_init__(self):

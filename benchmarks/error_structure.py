@@ -94,7 +94,8 @@ def main(argv=None) -> None:
             if "error" in r:
                 print(head + f"| {r['error']} | | | | |")
             else:
-                print(head + f"| {r['tensors']} | {r['cost']:.4f} | {r['measured']:.4f} | {r['ratio']:.3f} "
+                ratio = f"{r['ratio']:.3f}" if r["cost"] > 1e-3 else "-"   # 0/0: nothing measurable lost
+                print(head + f"| {r['tensors']} | {r['cost']:.4f} | {r['measured']:.4f} | {ratio} "
                       f"| {r['cosine']:.5f} |", flush=True)
 
 

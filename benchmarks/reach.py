@@ -82,6 +82,8 @@ def measure_model(name: str, fractions, modes, codecs=None) -> list[dict]:
                 if codecs is not None and mode != "recompute":
                     options["codecs"] = codecs
                 trained = actcompile(copied, budget=row["budget_bytes"], example_inputs=inputs, **options)
+                # the prediction before any step: a heap check later re-measures the per-node reserve
+                row["analyzer_bytes"] = trained.plan.predicted_heap_bytes
             except BudgetError as err:
                 row["error"] = f"no plan (smallest {err.smallest_bytes / 1e6:.2f} MB)"
                 continue
@@ -90,7 +92,6 @@ def measure_model(name: str, fractions, modes, codecs=None) -> list[dict]:
             got = torch.cat([p.grad.flatten() for p in own]).double()
             plan = trained.plan
             row.update(plan_s=plan.planning_seconds, grad_cosine=F.cosine_similarity(got, reference, dim=0).item(),
-                       analyzer_bytes=plan.predicted_heap_bytes,
                        recomputed=sum(1 for a in plan.assignments if a.codec == "recompute"),
                        codecs=sorted({a.codec for a in plan.assignments} - {"recompute"}))
             row.update(measure_memory(trained, own, inputs, loss))
