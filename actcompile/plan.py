@@ -162,6 +162,12 @@ class MemoryProfile:
         return (sum(t.nbytes for t in self.tensors if t.kind in (TensorKind.ACTIVATION, TensorKind.OUTPUT))
                 + self.output_bytes)
 
+    @property
+    def returned_bytes(self) -> int:
+        """Storages the forward returns to its caller, saved by a backward too or not: held by the
+        caller, so fixed bytes no codec may pack."""
+        return self.output_bytes + sum(t.nbytes for t in self.tensors if t.kind is TensorKind.OUTPUT)
+
     def bytes_by_node(self) -> dict[str, int]:
         """Saved activation bytes (outputs saved too included) attributed to the node that first
         saved each storage; returned storages no backward reads (``output_bytes``) are nobody's."""

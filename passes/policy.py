@@ -45,7 +45,7 @@ from actcompile.codecs.base import codec_options
 from actcompile.config import CompileConfig
 from actcompile.errors import BudgetError
 from actcompile.plan import (RECOMPUTE, Assignment, MemoryProfile, Plan, Region, SavedTensor, Skip, SkipReason,
-                             TensorKind, format_bytes)
+                             format_bytes)
 from actcompile.passes.rules import exact_for_use, others_of, reads_sign, saves_by_storage, split_candidates
 from actcompile.passes.segments import Segment, find_segments
 from actcompile.passes.solvers import Option, choose_options, choose_options_within, merge_items, smallest_total
@@ -372,7 +372,7 @@ def choose_plans(profiles: list[MemoryProfile], config: CompileConfig, calibrati
             smallest = fixed + reserve + sum(min(o.nbytes for o in opts) for opts in items)
             # Worth saying only where returning less could let a plan fit: a forward returning a
             # key/value cache or logits larger than the overshoot, not a scalar loss.
-            returned = sum(r * _returned_bytes(p) for p, r in zip(profiles, repeats))
+            returned = sum(r * p.returned_bytes for p, r in zip(profiles, repeats))
             held = (f"; of the bytes that cannot be compressed, {format_bytes(returned)} is what the forward "
                     f"returns (its outputs and the saves they alias, e.g. a key/value cache or logits): the "
                     f"caller holds those, so they count and are never packed; a forward that returns less "
@@ -400,11 +400,6 @@ def choose_plans(profiles: list[MemoryProfile], config: CompileConfig, calibrati
                  node_order=_saving_nodes(assignments, skips, problem.profile.node_order),
                  records_bytes=config.reserve_bytes_per_node * problem.profile.autograd_nodes)
             for share, problem, (assignments, skips) in zip(shares, problems, decoded)]
-
-
-def _returned_bytes(profile: MemoryProfile) -> int:
-    """Bytes of the storages the forward returns: read by no backward, or saved too (never packed)."""
-    return profile.output_bytes + sum(t.nbytes for t in profile.tensors if t.kind is TensorKind.OUTPUT)
 
 
 def _saving_nodes(assignments, skips, node_order: tuple[str, ...]) -> tuple[str, ...]:

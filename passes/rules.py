@@ -62,9 +62,8 @@ def exact_for_use(codec, uses) -> bool:
 
 @functools.lru_cache(maxsize=4096)   # asked per candidate and per assignment: thousands on a deep graph
 def _exact_for_use(codec, uses: tuple) -> bool:
-    exact_for = getattr(codec, "exact_for", None)
-    if exact_for is None or not uses:
-        return False
+    """:func:`exact_for_use` for a codec that has ``exact_for`` and a non-empty ``uses``."""
+    exact_for = codec.exact_for
     # the variant exact_for gives may also skip work those uses never read (mask's
     # predicate_only); a codec that keeps the same thing without that shortcut is as exact
     if "predicate_only" in {f.name for f in dataclasses.fields(codec)}:

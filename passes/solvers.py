@@ -217,9 +217,9 @@ def merge_items(items: list[list[Option]], limit: int = 128) -> tuple[list[Optio
             if room and len(rest):
                 keep[rest[(np.arange(room) * len(rest)) // room]] = True
             order, sum_bytes, sum_cost = order[keep], sum_bytes[keep], sum_cost[keep]
+        order, sum_bytes, sum_cost = order[::-1], sum_bytes[::-1], sum_cost[::-1]   # largest first, as options go
         steps.append((order // len(opts), order % len(opts)))
-        front_bytes, front_cost = sum_bytes[::-1], sum_cost[::-1]   # largest first, as the options go
-        steps[-1] = (steps[-1][0][::-1], steps[-1][1][::-1])
+        front_bytes, front_cost = sum_bytes, sum_cost
     picks = np.zeros((len(front_bytes), len(items)), dtype=np.int64)
     at = np.arange(len(front_bytes))
     for member in range(len(items) - 1, -1, -1):

@@ -131,7 +131,8 @@ def test_a_budget_below_what_the_forward_returns_names_those_bytes():
 
     x = torch.randn(256, 64)
     p = profile(Features(), x)
-    returned = p.output_bytes + sum(t.nbytes for t in p.tensors if t.kind is TensorKind.OUTPUT)
+    returned = p.returned_bytes
+    assert returned == p.output_bytes + sum(t.nbytes for t in p.tensors if t.kind is TensorKind.OUTPUT) > p.output_bytes
     with pytest.raises(BudgetError) as info:
         explain(Features(), x, budget=0.2)
     assert f"{format_bytes(returned)} is what the forward returns" in str(info.value)
