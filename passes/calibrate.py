@@ -60,6 +60,23 @@ def representative_sample(x: torch.Tensor) -> torch.Tensor:
     return strided_sample(x, SAMPLE_VALUES, kept_dims=3 if x.dim() >= 5 else 2).contiguous()   # DCT: D, H, W
 
 
+def elementwise_sample(x: torch.Tensor, values: int = SAMPLE_VALUES, chunks: int = 64) -> torch.Tensor:
+    """About ``values`` of ``x``'s values as ``chunks`` evenly spaced contiguous runs, flat; ``x``
+    itself if it is under twice that. For codecs that code each value alone (``elementwise``:
+    ``threshold``), where :func:`representative_sample` finds no leading dims to sample (a
+    ``(tokens, features)`` matrix); runs, not a stride, so no column is over-represented.
+
+    >>> elementwise_sample(torch.randn(1024, 1024)).shape
+    torch.Size([65536])
+    """
+    flat = x.reshape(-1)
+    if flat.numel() < 2 * values:
+        return x
+    size = values // chunks
+    starts = torch.linspace(0, flat.numel() - size, chunks).long().tolist()
+    return torch.cat([flat[start:start + size] for start in starts])
+
+
 def measure(codec, x: torch.Tensor, sample: torch.Tensor | None = None) -> tuple[float, int]:
     """``(relative error, packed bytes)`` of ``codec`` on ``x``: on ``sample`` (slices of ``x``)
     where the codec codes slices alike, its bytes then those of ``x`` (fixed rate: exact) or
@@ -104,10 +121,15 @@ def measure_all(codecs, x: torch.Tensor, sample: torch.Tensor | None = None) -> 
     >>> all(a <= s <= c.epsilon for (s, _), (a, _), c in zip(shared, alone, ladder))
     True
     """
-    measured = []
+    measured, flat_sample = [], None
     for run in _epsilon_runs(codecs):
-        shared = _measure_ladder(run, x, sample) if run[0] is not None and getattr(run[0], "epsilon", None) else None
-        measured += shared if shared is not None else [measure(codec, x, sample) for codec in run]
+        if sample is not None and getattr(run[0], "elementwise", False):   # any values will do: few
+            flat_sample = elementwise_sample(x) if flat_sample is None else flat_sample
+            run_sample = flat_sample
+        else:
+            run_sample = sample
+        shared = _measure_ladder(run, x, run_sample) if run[0] is not None and getattr(run[0], "epsilon", None) else None
+        measured += shared if shared is not None else [measure(codec, x, run_sample) for codec in run]
     return measured
 
 

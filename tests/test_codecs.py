@@ -224,6 +224,25 @@ def test_wavelet_meets_epsilon_and_calibration_reports_no_less_than_the_real_err
         assert real <= calibrated + 1e-6 and nbytes == packed_bytes(packed), (mode, codec.epsilon, real, calibrated)
 
 
+@pytest.mark.parametrize("name", ["threshold", "fft_lowpass"])
+@pytest.mark.parametrize("shape", [(4, 8, 16, 16), (64, 384), (3, 17, 33), (5000,)])
+def test_ladders_give_packs_bytes_and_error_from_one_pass(name, shape):
+    """Calibration's ladder (one histogram of magnitudes; one spectrum and its table of kept
+    energy) gives each ε exactly what packing at that ε gives: the same bytes, and the dropped
+    energy as the error (the kept values are stored as they are; rfft2 is orthonormal)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g).cumsum(-1) / 4 + torch.randn(shape, generator=g)
+    epsilons = (0.05, 0.1, 0.2, 0.45)
+    for epsilon, (error, nbytes) in zip(epsilons, get_codec(name).ladder(x, epsilons)):
+        codec = get_codec(name, epsilon=epsilon)
+        packed = codec.pack(x)
+        assert nbytes == packed_bytes(packed), (name, shape, epsilon)
+        assert error <= epsilon and abs(error - relative_error(x, codec.unpack(packed))) < 1e-4, (name, shape, epsilon)
+    assert get_codec(name, max_bytes=100).ladder(x, epsilons) is None   # a cap: each ε packed instead
+    x[0] = math.nan
+    assert get_codec(name).ladder(x, epsilons) is None
+
+
 def test_wavelet_counts_the_coefficients_of_small_maps_honestly():
     x = torch.randn(2, 3, 8, 8)
     codec = get_codec("wavelet", keep=1.0)

@@ -241,10 +241,49 @@ def test_low_rank_codecs_predict_error_and_bytes_from_sampled_gram_matrices(name
     error, nbytes = relative_error(x, codec.unpack(packed)), packed_bytes(packed)
     assert predicted[0] == 0.2 and error <= 0.2, (predicted, error)   # the bound pack keeps to
     assert 0.5 * nbytes <= predicted[1] <= 2 * nbytes, f"{name}: predicted {predicted[1]} B, packed {nbytes} B"
-    assert codec.estimate(x[:2, :4]) is None   # small: measured instead
+    assert codec.estimate(torch.zeros(64, 64)) is None   # nothing to predict from: measured instead
 
 
-def test_svd_measures_where_a_sample_cannot_show_the_short_sides_rank():
+@pytest.mark.parametrize("shape", [(4096, 1024), (16, 65, 384), (64, 64)])
+@pytest.mark.parametrize("structure", ["noise", "smooth", "low rank"])
+def test_svd_predicts_packs_rank_from_the_exact_spectrum_where_a_sample_cannot_show_it(shape, structure):
+    """A short side too long for a sample (or a tensor too small to sample): the exact spectrum
+    of the short side's Gram matrix, eigenvalues only, gives pack's own rank and error."""
     from actcompile.codecs import get_codec
+    from actcompile.codecs.base import packed_bytes, relative_error
 
-    assert get_codec("svd", epsilon=0.2).estimate(torch.randn(4096, 1024)) is None
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g)
+    if structure == "smooth":
+        x = x.cumsum(-1).cumsum(0)
+    elif structure == "low rank":
+        x = (torch.randn(shape[0], 3, generator=g) @ torch.randn(3, x[0].numel(), generator=g)).reshape(shape) + 0.05 * x
+    for epsilon in (0.05, 0.2, 0.45):
+        codec = get_codec("svd", epsilon=epsilon)
+        (predicted_error, predicted_bytes), = codec.estimate_ladder(x, (epsilon,))
+        packed = codec.pack(x)
+        assert predicted_bytes == packed_bytes(packed), (epsilon, predicted_bytes, packed_bytes(packed))
+        assert abs(predicted_error - relative_error(x, codec.unpack(packed))) < 2e-3, epsilon
+
+
+@pytest.mark.parametrize("structure", ["noise", "smooth", "low rank"])
+def test_hosvd_predicts_bytes_from_exact_mode_spectra_on_small_tensors(structure):
+    """Small tensors: every mode's exact energies (of ``x``'s unfoldings, not of ST-HOSVD's ever
+    smaller cores) predict pack's bytes within 2.5× either way; the error is ε, pack's bound."""
+    from actcompile.codecs import get_codec
+    from actcompile.codecs.base import packed_bytes, relative_error
+
+    g = torch.Generator().manual_seed(2)
+    shape = (8, 32, 28, 28)
+    x = torch.randn(shape, generator=g)
+    if structure == "smooth":
+        x = x.cumsum(-1).cumsum(-2)
+    elif structure == "low rank":
+        x = (torch.randn(8, 3, generator=g) @ torch.randn(3, x[0].numel(), generator=g)).reshape(shape) + 0.05 * x
+    for epsilon in (0.05, 0.2, 0.45):
+        codec = get_codec("hosvd", epsilon=epsilon)
+        predicted_error, predicted_bytes = codec.estimate(x)
+        packed = codec.pack(x)
+        assert relative_error(x, codec.unpack(packed)) <= epsilon + 1e-6
+        assert predicted_error in (0.0, epsilon)
+        assert packed_bytes(packed) / 2.5 <= predicted_bytes <= 2.5 * packed_bytes(packed), (epsilon, predicted_bytes)

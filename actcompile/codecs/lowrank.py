@@ -119,37 +119,54 @@ class SVDCodec(VariableRate):
         return (left.float() @ right.float()).reshape(shape).to(left.dtype)
 
     def estimate(self, x: torch.Tensor) -> tuple[float, int] | None:
-        """``(error, bytes)`` at ``epsilon`` without the decomposition: the rank from the short
-        side's Gram matrix of an evenly strided sample of the long side (~:data:`ESTIMATE_VALUES`
-        values), scaled; ``None`` (measure instead) for small tensors or a size option. The error
-        is ``epsilon``, the bound pack keeps to: near a cliff in the spectrum a sample can say
-        rank 6 at error 0.02 where the whole needs rank 5 at 0.19, and a planned 0.02 would then
-        look like drift. For calibration: the plan caps the codec at the bytes predicted, so a
-        wrong guess costs error, not memory."""
+        """``(error, bytes)`` at ``epsilon`` without the decomposition. On a large tensor, the
+        rank from the short side's Gram matrix of an evenly strided sample of the long side
+        (~:data:`ESTIMATE_VALUES` values), scaled, and the error ``epsilon``, the bound pack keeps
+        to: near a cliff in the spectrum a sample can say rank 6 at error 0.02 where the whole
+        needs rank 5 at 0.19, and a planned 0.02 would then look like drift. Where a sample
+        cannot show the rank (a small tensor, a short side too long for the sample), the exact
+        spectrum: the eigenvalues of the short side's Gram matrix (what pack decomposes, without
+        its eigenvectors or factors), so rank and error are pack's own. ``None`` (measure
+        instead) for a size option, a vector, NaN/Inf or zeros. For calibration: the plan caps
+        the codec at the bytes predicted, so a wrong guess costs error, not memory."""
         if self.target_epsilon is None:
             return None
         ladder = self.estimate_ladder(x, (self.target_epsilon,))
         return None if ladder is None else ladder[0]
 
     def estimate_ladder(self, x: torch.Tensor, epsilons) -> list[tuple[float, int]] | None:
-        """:meth:`estimate` at each of ``epsilons``, from one sampled spectrum (it does not depend on ε)."""
+        """:meth:`estimate` at each of ``epsilons``, from one spectrum (it does not depend on ε)."""
         n, m = self._unfolding(tuple(x.shape))
-        if x.numel() < 4 * ESTIMATE_VALUES or min(n, m) < 2:
+        if min(n, m) < 2:
             return None
         matrix = x.detach().float().reshape(n, m)
         total = squared_norm(matrix)
         if not math.isfinite(total) or total == 0:
             return None
         short, long = (matrix, m) if n <= m else (matrix.T, n)
-        step = max(1, short.shape[0] * long // ESTIMATE_VALUES)
-        sample = short[:, ::step]
-        if sample.shape[1] < 4 * short.shape[0]:   # too few columns to show the short side's rank: measure
-            return None
-        values, _ = _spectrum(sample @ sample.T)
-        values = values * (total / max(values.sum().item(), 1e-300))   # scaled to the whole's energy
+        sample = None
+        if x.numel() >= 4 * ESTIMATE_VALUES:
+            sample = short[:, ::max(1, short.shape[0] * long // ESTIMATE_VALUES)]
+            if sample.shape[1] < 4 * short.shape[0]:   # too few columns to show the short side's rank
+                sample = None
+        if sample is not None:
+            values = _eigenvalues(sample @ sample.T)
+            values = values * (total / max(values.sum().item(), 1e-300))   # scaled to the whole's energy
+        else:
+            values = _eigenvalues(short @ short.T)
         limit = self._max_rank(n, m, x.dtype.itemsize)
-        return [(epsilon, (n + m) * min(limit, energy_cut(values, total, epsilon)) * x.dtype.itemsize)
-                for epsilon in epsilons]
+        predicted = []
+        for epsilon in epsilons:
+            rank = min(limit, energy_cut(values, total, epsilon))
+            error = epsilon if sample is not None else math.sqrt(max(total - values[:rank].sum().item(), 0.0) / total)
+            predicted.append((min(error, epsilon), (n + m) * rank * x.dtype.itemsize))
+        return predicted
+
+
+def _eigenvalues(gram: torch.Tensor) -> torch.Tensor:
+    """:func:`_spectrum`'s eigenvalues alone (``eigvalsh``: about half of ``eigh``'s time)."""
+    return torch.linalg.eigvalsh(gram.double()).flip(0).clamp(min=0)
+
 
 def _left_spectrum(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared singular values and left singular vectors of ``matrix`` from the smaller Gram matrix.
@@ -189,13 +206,29 @@ def _mode_spectrum(core: torch.Tensor, mode: int) -> tuple[torch.Tensor, torch.T
         return core.new_zeros(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64, device=core.device)
     if d > before * after:   # tall: the Gram matrix of the short side
         return _left_spectrum(core.movedim(mode, 0).reshape(d, -1))
+    return _spectrum(_mode_gram(m))
+
+
+def _mode_gram(m: torch.Tensor) -> torch.Tensor:
+    """The ``(d, d)`` Gram matrix of the mode fibres of ``m`` = :func:`_mode_matrices`."""
+    before, d, after = m.shape
     if after == 1:
         flat = m.reshape(before, d)
-        return _spectrum(flat.T @ flat)
-    gram = core.new_zeros(d, d)
+        return flat.T @ flat
+    gram = m.new_zeros(d, d)
     for part in m.split(max(1, GRAM_CHUNK // (d * d))):
         gram += torch.bmm(part, part.transpose(1, 2)).sum(0)
-    return _spectrum(gram)
+    return gram
+
+
+def _mode_energies(core: torch.Tensor, mode: int) -> torch.Tensor:
+    """:func:`_mode_spectrum`'s energies alone, exact (no eigenvectors: for a prediction)."""
+    m = _mode_matrices(core, mode)
+    before, d, after = m.shape
+    if d > before * after:   # tall: the short side's Gram matrix has the same nonzero spectrum
+        unfolding = core.movedim(mode, 0).reshape(d, -1)
+        return _eigenvalues(unfolding.T @ unfolding)
+    return _eigenvalues(_mode_gram(m))
 
 
 def _mode_product(core: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.Tensor:
@@ -375,29 +408,35 @@ class HOSVDCodec(VariableRate):
 
     def estimate(self, x: torch.Tensor) -> tuple[float, int] | None:
         """``(error, bytes)`` at ``epsilon`` without the decomposition: every mode's rank from
-        :func:`_sampled_energies` of ``x`` itself (the error budget shared as :meth:`_decompose`
-        shares it; a mode a sample says keeps over half its rank is kept whole, as in pack, and
-        so is a mode too long for this smaller sample, which pack may still truncate: bytes then
-        over-predicted); ``None`` (measure instead) for tensors too small to sample or a size option. The error is ``epsilon`` (0 if every mode is kept whole), as
-        in :meth:`SVDCodec.estimate`."""
+        the energies of ``x``'s own unfolding, sampled (:func:`_sampled_energies`) on a large
+        tensor, exact (eigenvalues only) where a sample would be too small. The error budget is
+        shared as :meth:`_decompose` shares it; a mode predicted to keep over half its rank is
+        kept whole, as in pack, and so is a mode too long for a sample of its fibres, which pack
+        may still truncate: bytes then over-predicted. ST-HOSVD truncates later modes of an
+        already projected core, whose spectra are below ``x``'s, so the ranks predicted are at
+        least pack's. The error is ``epsilon`` (0 if every mode is kept whole), the bound pack
+        keeps to, as in :meth:`SVDCodec.estimate`; ``None`` (measure instead) for a size option,
+        NaN/Inf or zeros."""
         if self.target_epsilon is None:
             return None
         ladder = self.estimate_ladder(x, (self.target_epsilon,))
         return None if ladder is None else ladder[0]
 
     def estimate_ladder(self, x: torch.Tensor, epsilons) -> list[tuple[float, int]] | None:
-        """:meth:`estimate` at each of ``epsilons``: the sampled energies of every mode of ``x``
-        do not depend on ε, so calibration's ladder computes them once (ResNet-50: 872 sampled
-        Gram matrices and eigendecompositions became 218)."""
+        """:meth:`estimate` at each of ``epsilons``: the energies of every mode of ``x`` do not
+        depend on ε, so calibration's ladder computes them once (ResNet-50: 872 sampled Gram
+        matrices and eigendecompositions became 218)."""
         dims = self._dims(tuple(x.shape))
-        if x.numel() < 4 * ESTIMATE_VALUES:
+        if x.numel() == 0:
             return None
         tensor = x.detach().float().reshape(dims)
         total = squared_norm(tensor)
         if not math.isfinite(total) or total == 0:
             return None
         order = [m for m in sorted(range(len(dims)), key=lambda i: dims[i]) if dims[m] <= self.MAX_MODE]
-        energies = {mode: _sampled_energies(tensor, mode, ESTIMATE_VALUES) for mode in order}
+        large = x.numel() >= 4 * ESTIMATE_VALUES
+        energies = {mode: _sampled_energies(tensor, mode, ESTIMATE_VALUES) if large else _mode_energies(tensor, mode)
+                    for mode in order}
         return [self._estimated(dims, order, energies, total, epsilon, x.dtype.itemsize) for epsilon in epsilons]
 
     def _estimated(self, dims, order, energies, total: float, epsilon: float, itemsize: int) -> tuple[float, int]:

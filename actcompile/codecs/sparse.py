@@ -60,24 +60,31 @@ class RandomCodec:
         return torch.randn(shape, generator=generator, device=device).to(dtype)
 
 
-def _cut_threshold(magnitude: torch.Tensor, epsilon: float, bins: int = 8192) -> float:
-    """A ``t`` such that dropping every ``|x| < t`` loses at most ``ε²`` of the energy.
-
-    One pass: an energy-weighted histogram of magnitudes (``bincount``, on any device), then the
-    highest bin edge below which the energy fits. Conservative by at most one bin, cheaper than
-    sorting millions of values.
-    """
+def _energy_histogram(magnitude: torch.Tensor, bins: int = 8192) -> tuple[float, torch.Tensor, float]:
+    """``(top, cumulative energy per bin, total energy)`` of the finite ``magnitude``: what
+    :func:`_cut_threshold` reads, the same at every ε (calibration's ladder builds it once)."""
     finite = magnitude[torch.isfinite(magnitude)]
     top = float(finite.max().item()) if finite.numel() else 0.0
     if top == 0.0:
-        return 0.0
-    energy = magnitude.double().square()
+        return 0.0, magnitude.new_zeros(0, dtype=torch.float64), 0.0
+    energy = magnitude.double().square().nan_to_num(posinf=0.0)
     index = (magnitude * ((bins - 1) / top)).clamp(max=bins - 1).long()
-    histogram = torch.bincount(index, weights=energy.nan_to_num(posinf=0.0), minlength=bins)
-    cumulative = torch.cumsum(histogram, 0)
-    allowed = (epsilon ** 2) * energy.nan_to_num(posinf=0.0).sum().item()
-    below = int((cumulative <= allowed).sum().item())    # bins 0 .. below-1 may go
-    return below * top / (bins - 1)
+    histogram = torch.bincount(index, weights=energy, minlength=bins)
+    return top, torch.cumsum(histogram, 0), energy.sum().item()
+
+
+def _cut_threshold(magnitude: torch.Tensor, epsilon: float, histogram=None) -> float:
+    """A ``t`` such that dropping every ``|x| < t`` loses at most ``ε²`` of the energy.
+
+    One pass: an energy-weighted histogram of magnitudes (``bincount``, on any device;
+    ``histogram`` if :func:`_energy_histogram` already built it), then the highest bin edge below
+    which the energy fits. Conservative by at most one bin, cheaper than sorting millions of values.
+    """
+    top, cumulative, total = histogram if histogram is not None else _energy_histogram(magnitude)
+    if top == 0.0:
+        return 0.0
+    below = int((cumulative <= (epsilon ** 2) * total).sum().item())    # bins 0 .. below-1 may go
+    return below * top / (cumulative.numel() - 1)
 
 
 @register_codec
@@ -88,6 +95,7 @@ class ThresholdCodec(VariableRate):
     name: ClassVar[str] = "threshold"
     copies: ClassVar[float] = 40   # time, see Codec.copies
     fixed_rate: ClassVar[bool] = False
+    elementwise: ClassVar[bool] = True   # each value kept or dropped alone: calibrated on any values of a tensor
     keep: float | None = None      # fraction of entries kept, when no epsilon is given (default ε 0.1)
 
     def __post_init__(self):
@@ -129,6 +137,38 @@ class ThresholdCodec(VariableRate):
             if limit:
                 keep[torch.topk(magnitude, limit, sorted=False).indices] = True
         return (pack_bits(keep, 1), flat[keep].clone(), tuple(x.shape))
+
+    def ladder(self, x: torch.Tensor, epsilons) -> list[tuple[float, int]] | None:
+        """``(relative error, packed bytes)`` of :meth:`pack` at each of ``epsilons``, without
+        packing: the magnitudes' histogram is built once, and each ε's cut, count kept and dropped
+        energy read from it and one comparison (the kept values are stored exactly, so the
+        dropped energy is the error). ``None`` where pack would not cut by ε alone (a cap, a
+        NaN/Inf, an empty tensor).
+
+        >>> from actcompile.codecs import get_codec
+        >>> x = torch.randn(64, 1024)
+        >>> codec = get_codec("threshold")
+        >>> ladder = codec.ladder(x, (0.1, 0.3))
+        >>> alone = [codec_at.pack(x) for codec_at in (get_codec("threshold", epsilon=e) for e in (0.1, 0.3))]
+        >>> [b for _, b in ladder] == [packed_bytes(p) for p in alone]
+        True
+        """
+        if self.max_bytes is not None or x.numel() == 0:
+            return None
+        magnitude = x.detach().reshape(-1).float().abs()
+        if not bool(torch.isfinite(magnitude).all()):   # pack keeps every NaN/Inf: measured there
+            return None
+        histogram = _energy_histogram(magnitude)
+        total = histogram[2]
+        energy = magnitude.double().square()
+        measured = []
+        for epsilon in epsilons:
+            keep = magnitude >= _cut_threshold(magnitude, epsilon, histogram)
+            dropped = energy[~keep].sum().item()
+            error = math.sqrt(dropped / total) if total > 0 else 0.0
+            kept = int(keep.sum().item())
+            measured.append((error, (magnitude.numel() + 7) // 8 + kept * x.dtype.itemsize))
+        return measured
 
     def unpack(self, packed: tuple) -> torch.Tensor:
         bits, values, shape = packed

@@ -187,7 +187,7 @@ class WaveletCodec(VariableRate):
     def ladder(self, x: torch.Tensor, epsilons) -> list[tuple[float, int]] | None:
         """``(relative error, packed bytes)`` on ``x`` at each of ``epsilons``, from one transform
         (calibration tries every ε of the ladder: four transforms and eight inverses became one
-        and four). ``None`` where :meth:`pack` would not cut by ε alone (a cap, an empty tensor).
+        and none, the cuts read from one histogram of the coefficients). ``None`` where :meth:`pack` would not cut by ε alone (a cap, an empty tensor).
 
         >>> import torch
         >>> from actcompile.codecs import get_codec
@@ -199,6 +199,10 @@ class WaveletCodec(VariableRate):
         if self.max_bytes is not None or x.numel() == 0:
             return None
         flat, shapes = self._transform(x)
+        if self.mode in ISOMETRIC_MODES:   # the coefficients' error bounds it: no cut, no inverse
+            shared = ThresholdCodec().ladder(flat, epsilons)
+            if shared is not None:
+                return shared
         measured = []
         for epsilon in epsilons:
             packed, error = dataclasses.replace(self, epsilon=epsilon)._cut(x, flat, shapes)
