@@ -49,15 +49,49 @@ SAMPLE_VALUES = 1 << 16   # about this many values of a tensor calibrate a codec
 
 def representative_sample(x: torch.Tensor) -> torch.Tensor:
     """Evenly spaced slices of ``x``'s leading dims (all but the last two, three for 5-D tensors:
-    the dims a codec may transform), about :data:`SAMPLE_VALUES` values; ``x`` itself if it is
-    small or has no such dims.
+    the dims a codec may transform), about :data:`SAMPLE_VALUES` values; where those are too few
+    (a ``(tokens, features)`` matrix, a long vector), evenly spaced tiles of the last two dims
+    (:func:`tiles`); ``x`` itself if it is small.
 
     >>> representative_sample(torch.zeros(32, 64, 16, 16)).shape    # every 3rd image and channel
     torch.Size([11, 22, 16, 16])
     >>> representative_sample(torch.zeros(32, 16, 64, 64)).shape    # every 6th image, every 5th channel
     torch.Size([6, 4, 64, 64])
+    >>> representative_sample(torch.zeros(1040, 1536)).shape        # four 64 × 256 tiles
+    torch.Size([4, 64, 256])
     """
-    return strided_sample(x, SAMPLE_VALUES, kept_dims=3 if x.dim() >= 5 else 2).contiguous()   # DCT: D, H, W
+    sample = strided_sample(x, SAMPLE_VALUES, kept_dims=3 if x.dim() >= 5 else 2)   # DCT: D, H, W
+    if sample.numel() >= 2 * SAMPLE_VALUES and x.dim() < 5:
+        sample = tiles(sample, SAMPLE_VALUES)
+    return sample.contiguous()
+
+
+TILE = (64, 256)   # rows × columns of one tile of a matrix (DCT blocks and wavelet levels fit whole)
+VECTOR_TILE = 4096   # values of one tile of a vector (or a one-row map)
+
+
+def tiles(x: torch.Tensor, values: int) -> torch.Tensor:
+    """``(count, th, tw)``: about ``values`` values of ``x`` as evenly spaced, aligned tiles of its
+    last two dims (one row for a vector), every leading dim flattened into the images tiled.
+    Codecs that code slices alike then see crops of the same maps: their error per value, and a
+    variable-rate codec's bytes per value, close to the whole's (a crop's borders cost a wavelet
+    a few more coefficients; an FFT sees coarser frequencies: both estimates, as for slices).
+
+    >>> tiles(torch.zeros(3, 200, 1000), 1 << 16).shape
+    torch.Size([4, 64, 256])
+    """
+    height, width = (x.shape[-2], x.shape[-1]) if x.dim() >= 2 else (1, x.shape[-1])
+    images = x.reshape(-1, height, width)
+    th, tw = (min(height, TILE[0]), min(width, TILE[1])) if height > 1 else (1, min(width, VECTOR_TILE))
+    rows, columns = height // th, width // tw
+    count = min(len(images) * rows * columns, max(1, round(values / (th * tw))))
+    picks = torch.linspace(0, len(images) * rows * columns - 1, count).round().long().tolist()
+    crops = []
+    for pick in picks:
+        image, position = divmod(pick, rows * columns)
+        row, column = divmod(position, columns)
+        crops.append(images[image, row * th:(row + 1) * th, column * tw:(column + 1) * tw])
+    return torch.stack(crops)
 
 
 def elementwise_sample(x: torch.Tensor, values: int = SAMPLE_VALUES, chunks: int = 64) -> torch.Tensor:
