@@ -92,15 +92,14 @@ DEFAULT_EPSILONS = (0.01, 0.05, 0.2, 0.45)
 def default_codecs(everything: bool = False) -> tuple:
     """The registered codecs the policy tries when none are named: those whose class says
     ``default_enabled = True`` (the quantizers and the mask), or all but ``none`` and ``random``
-    with ``everything=True`` (``codecs="all"``). The transforms stay opt-in: with every codec
-    in the default set (benchmarks/results/reach.md run 3) GPT-2's joint plan at 1/4 fell to a
-    gradient cosine of 0.986 (DCT, 4× cheaper to run than eager int4, took a tensor at ε 0.2;
-    0.99999 with int4), and planning took 1.5-2.5× as long (ViT 14 s against 5.6 s) for
-    plans that seldom changed (reach.md run 5: two joint plans of twelve differed, planning
-    2-29× as long). Where HOSVD, SVD, wavelet, FFT low-pass and thresholding planned, their
-    error reached the gradient about as much per unit of ε as a quantizer's
-    (benchmarks/results/error_structure.md; DCT unmeasured there): their calibration time is
-    what keeps them out. The lossless integer codecs
+    with ``everything=True`` (``codecs="all"``). The transforms stay opt-in. Their calibration
+    is now cheap (benchmarks/results/planning.md run 5: every codec costs 1.0-2.4× the default
+    set's planning, ResNet-50 7.7 s against 6.7 s, and changed none of ten joint plans); what
+    keeps them out is fidelity: at 1/8 without recompute, ResNet-18's gradient cosine fell from
+    0.99154 to 0.98041 with them (a DCT at ε 0.45) while MobileNetV2's rose from 0.97919 to
+    0.98987 (HOSVD). Before gradient sensitivity, GPT-2's joint plan at 1/4 fell to 0.986 with
+    a DCT (reach.md run 3). Where they planned, error_structure.md found their error reaching
+    the gradient about as much per unit of ε as a quantizer's, a coarse measure. The lossless integer codecs
     (:mod:`actcompile.codecs.integer`) are not in either set: ``narrow_integers`` offers them."""
     from actcompile.codecs import available_codecs, get_codec
 

@@ -13,6 +13,11 @@ graph nodes each with the parameters read, 17,503 at ``N = 2500``) and splits th
     python benchmarks/planning.py > benchmarks/results/planning.md
     python benchmarks/planning.py --model resnet18 --batch 8 --size 64
     python benchmarks/planning.py --deep 2500
+    python benchmarks/planning.py --compare resnet18 mobilenet_v2 mnist_net vit_small gpt2_small
+
+``--compare`` plans each model of ``benchmarks/speed.py`` (its inputs) at 1/4 and 1/8 of the
+analyzer's baseline with the default codecs and with ``codecs="all"``: the fastest of two plans,
+and the codecs each plan chose (the joint plan: recompute offered).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import math
 import platform
 import sys
 import time
@@ -39,7 +45,10 @@ def main(argv=None) -> None:
     parser.add_argument("--budget", type=float, default=0.125)
     parser.add_argument("--repeat", type=int, default=2, help="plans per codec set; the fastest is shown")
     parser.add_argument("--deep", type=int, default=0, metavar="N", help="plan a residual stack of N blocks instead")
+    parser.add_argument("--compare", nargs="+", metavar="MODEL", help="default against all codecs on these models")
     ns = parser.parse_args(argv)
+    if ns.compare:
+        return compare_codec_sets(ns.compare, ns.repeat, argv if argv is not None else sys.argv[1:])
     if ns.deep:
         return plan_deep(ns.deep, ns.budget, argv if argv is not None else sys.argv[1:])
     seconds, calls = collections.Counter(), collections.Counter()
@@ -90,6 +99,35 @@ def main(argv=None) -> None:
         planning, calibration, by_codec = min(runs, key=lambda r: r[0])
         split = ", ".join(f"{name} {s:.1f}" for name, s in by_codec)
         print(f"| {codecs or 'default'} | {planning:.1f} | {calibration:.1f} | {split} |", flush=True)
+
+
+def compare_codec_sets(models, repeat: int, argv) -> None:
+    """Planning seconds and chosen codecs, default codecs against all (see the module doc)."""
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from speed import build
+    from actcompile.errors import BudgetError
+
+    print(f"Command: `python benchmarks/planning.py {' '.join(argv)}`  ")
+    print(f"Date: {datetime.date.today().isoformat()}  ")
+    print(f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU\n")
+    print("| model | budget | codecs | planning s | the plan |")
+    print("|---|---|---|---|---|")
+    for name in models:
+        torch.manual_seed(0)
+        model, inputs, _ = build(name)
+        for budget in (0.25, 0.125):
+            for codecs in (None, "all"):
+                fastest, chosen = math.inf, "no plan"
+                for _ in range(repeat):
+                    start = time.perf_counter()
+                    try:
+                        plan = explain(model, inputs, budget=budget, codecs=codecs)
+                        chosen = ", ".join(f"{c} {n}" for c, n in
+                                           sorted(collections.Counter(a.codec for a in plan.assignments).items()))
+                    except BudgetError:
+                        pass
+                    fastest = min(fastest, time.perf_counter() - start)
+                print(f"| {name} | {budget:g} | {codecs or 'default'} | {fastest:.2f} | {chosen} |", flush=True)
 
 
 class _Block(torch.nn.Module):

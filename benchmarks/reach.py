@@ -25,7 +25,9 @@ off. **plan s**: ``plan.planning_seconds``. **analyzer / heap**: the plan's pred
 uncompressed heap growth (``plan.predicted_heap_bytes``: the storages FakeTensors show, and
 autograd's records at the per-node reserve) over the measured uncompressed MB. Codec kernels run eagerly
 (``ACTCOMPILE_COMPILE_CODECS=0``): compiling them takes minutes per shape on this machine and
-changes the time, not the memory or the gradients.
+changes the time, not the memory or the gradients. ``--compiled-codecs`` runs them as the
+library's default does (Inductor kernels; the first steps of each new shape compile, before
+the timed steady state).
 
     python benchmarks/reach.py > benchmarks/results/reach.md
     python benchmarks/reach.py --models resnet18 --budgets 0.125 --modes lossy joint
@@ -106,9 +108,10 @@ def measure_model(name: str, fractions, modes, codecs=None) -> list[dict]:
     return rows
 
 
-def run_child(name, fractions, modes, codecs=None) -> list[dict]:
+def run_child(name, fractions, modes, codecs=None, compiled_codecs=False) -> list[dict]:
     env = dict(os.environ, MALLOC_ARENA_MAX="1", MALLOC_MMAP_THRESHOLD_="65536",
-               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), ACTCOMPILE_COMPILE_CODECS="0")
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
+               ACTCOMPILE_COMPILE_CODECS="1" if compiled_codecs else "0")
     cmd = [sys.executable, __file__, "--one", name, json.dumps(list(fractions)), json.dumps(list(modes)),
            json.dumps(codecs)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=7200)
@@ -126,6 +129,8 @@ def main(argv=None) -> None:
     parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     parser.add_argument("--codecs", default=None,
                         help='codecs offered to the lossy and joint plans ("all", or names joined by commas)')
+    parser.add_argument("--compiled-codecs", action="store_true",
+                        help="codec kernels compiled with Inductor (the library's default), not eager")
     parser.add_argument("--one", nargs=4, metavar=("MODEL", "FRACTIONS", "MODES", "CODECS"), help=argparse.SUPPRESS)
     ns = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -140,7 +145,7 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in ns.models:
         codecs = ns.codecs if ns.codecs in (None, "all") else ns.codecs.split(",")
-        for r in run_child(name, ns.budgets, ns.modes, codecs):
+        for r in run_child(name, ns.budgets, ns.modes, codecs, ns.compiled_codecs):
             head = f"| {name} | 1/{round(1 / r['fraction'])} | {r['mode']} "
             if "activation_bytes" not in r:
                 budget = f"{r['budget_bytes'] / 1e6:.2f}" if "budget_bytes" in r else ""
