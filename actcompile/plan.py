@@ -441,6 +441,9 @@ class ModelPlan:
     # budget_bytes is then the activation bytes the plan was fitted to
     peak_budget_bytes: int | None = None
     predicted_peak_bytes: int | None = None
+    # the parameter gradient's relative error one probe backward measured with this plan's codecs,
+    # where planning compared plans by it (codecs outside the default set chosen: api._measured_choice)
+    measured_gradient_error: float | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
         _require(self.budget_bytes > 0, "ModelPlan", "budget_bytes", self.budget_bytes, "must be > 0")
@@ -496,6 +499,8 @@ class ModelPlan:
                 "sections": [{"graph": s.graph, "plan": json.loads(s.plan.to_json())} for s in self.sections]}
         if self.peak_budget_bytes is not None:
             data.update(peak_budget_bytes=self.peak_budget_bytes, predicted_peak_bytes=self.predicted_peak_bytes)
+        if self.measured_gradient_error is not None:
+            data.update(measured_gradient_error=self.measured_gradient_error)
         return json.dumps(data, indent=1)
 
     @classmethod
@@ -503,7 +508,8 @@ class ModelPlan:
         data = json.loads(text)
         return cls(budget_bytes=data["budget_bytes"], planning_seconds=data.get("planning_seconds"),
                    sections=tuple(Section(s["graph"], Plan.from_dict(s["plan"])) for s in data["sections"]),
-                   peak_budget_bytes=data.get("peak_budget_bytes"), predicted_peak_bytes=data.get("predicted_peak_bytes"))
+                   peak_budget_bytes=data.get("peak_budget_bytes"), predicted_peak_bytes=data.get("predicted_peak_bytes"),
+                   measured_gradient_error=data.get("measured_gradient_error"))
 
     def __str__(self) -> str:
         rows = [("graph",) + _HEADER]

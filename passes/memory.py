@@ -74,10 +74,12 @@ class _SaveRecorder(torch.fx.Interpreter):
 
     def pack(self, t: torch.Tensor):
         index = self.saves
-        self.on_save(self.node, self.ordinal, t)
+        substitute = self.on_save(self.node, self.ordinal, t)
         self.ordinal += 1
         self.saves += 1
         if self.keep:   # detached: t itself, saved by the node making it, would be a leaked cycle (runtime.py)
+            if substitute is not None:   # what backward reads instead (a probe of a codec's effect)
+                return index, tuple(t.shape), substitute
             return index, tuple(t.shape), t.detach() if t.requires_grad else t
         return index, tuple(t.shape)   # only a token is kept: the profile holds no activations
 
@@ -95,8 +97,9 @@ def record_saves(gm: torch.fx.GraphModule, flat_inputs: list, on_save, *, fake: 
                  input_kinds=None, on_node=None, after_node=None, keep: bool = False, returned=frozenset(),
                  modes=()) -> SaveRecord:
     """Run ``gm`` forward once with grad enabled, calling ``on_save(node, ordinal, tensor, kind)``
-    at every save (and ``on_node(node, tensor arguments)`` before every node and
-    ``after_node(node, tensors returned)`` after it, if given), inside ``modes`` (dispatch
+    at every save (with ``keep``, a tensor it returns is what backward reads instead; and
+    ``on_node(node, tensor arguments)`` before every node and ``after_node(node, tensors
+    returned)`` after it, if given), inside ``modes`` (dispatch
     modes such as a ``FlopCounterMode``, entered after the fake mode).
 
     ``kind`` says whether the saved storage is a parameter, buffer, model input or activation:

@@ -88,6 +88,74 @@ def gradient_shares(graph: CapturedGraph, seed: int = 0) -> dict[Key, float]:
     return {key: sum(norms[i] for i in _bits(mask)) / total for key, mask in masks.items()}
 
 
+def probe_gradients(graph: CapturedGraph, substitutes: dict | None = None, seed: int = 0) -> dict[int, torch.Tensor]:
+    """``{id(parameter): gradient}`` of one probe backward of ``graph`` on its real inputs (a
+    random tangent on every output, drawn from ``seed``, as :func:`gradient_shares`), with every
+    activation save ``(node, ordinal)`` in ``substitutes`` read by backward as its codec's
+    pack + unpack: what a plan's codecs do to the gradient, measured, not predicted.
+
+    >>> from actcompile.codecs import get_codec
+    >>> from actcompile.passes.capture import capture_graphs
+    >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
+    >>> (graph,) = capture_graphs(model, torch.randn(32, 64))
+    >>> exact = probe_gradients(graph)
+    >>> keys = {(n, o) for n in ("tanh", "input_2") for o in range(2)}   # whatever the Tanh output is saved as
+    >>> coarse = probe_gradients(graph, {k: get_codec("int2") for k in keys})
+    >>> 0 < gradient_error([(exact, coarse)]) < 1
+    True
+    """
+    substitutes = substitutes or {}
+
+    def on_save(node, ordinal, t, kind):
+        codec = substitutes.get((node, ordinal))
+        if codec is None or kind is not TensorKind.ACTIVATION or not t.is_floating_point():
+            return None
+        x = t.detach()
+        return codec.unpack(codec.pack(x.contiguous())).reshape(x.shape)
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)   # the same dropout masks and tangents on every probe
+        inputs = [x.detach().requires_grad_(x.requires_grad)
+                  if isinstance(x, torch.Tensor) and x.grad_fn is not None else x for x in graph.flat_inputs]
+        record = record_saves(graph.gm, inputs, on_save, fake=False, input_kinds=graph.input_kinds, keep=True)
+        outputs = [t for t in tree_leaves(record.output)
+                   if isinstance(t, torch.Tensor) and t.grad_fn is not None and t.is_floating_point()]
+        leaves = _parameters_below(outputs)
+        if not outputs or not leaves:
+            return {}
+        tangents = [torch.randn_like(t) for t in outputs]
+        grads = torch.autograd.grad(outputs, leaves, tangents, allow_unused=True)
+    return {id(p): g for p, g in zip(leaves, grads) if g is not None}
+
+
+def gradient_error(pairs) -> float:
+    """‖g̃ − g‖ / ‖g‖ over every parameter of every ``(exact, probed)`` pair of
+    :func:`probe_gradients` results (one pair per graph), in float64; 0 where nothing flows."""
+    diff = norm = 0.0
+    for exact, probed in pairs:
+        for key, g in exact.items():
+            other = probed.get(key)
+            g64 = g.double()
+            diff += float((g64 - (other.double() if other is not None else 0.0)).pow(2).sum())
+            norm += float(g64.pow(2).sum())
+    return (diff / norm) ** 0.5 if norm > 0 else 0.0
+
+
+def _parameters_below(outputs) -> list[torch.Tensor]:
+    """The parameters (requiring grad) the outputs' autograd graph accumulates gradients into."""
+    found, seen, stack = {}, set(), [t.grad_fn for t in outputs]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)
+        if isinstance(variable, torch.nn.Parameter) and variable.requires_grad:
+            found.setdefault(id(variable), variable)
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return list(found.values())
+
+
 class _Reach:
     def __init__(self):
         self.leaves: list[torch.Tensor] = []

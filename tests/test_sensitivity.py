@@ -209,3 +209,88 @@ def test_tolerance_under_compile_plans_each_graph_within_it():
     torch._dynamo.reset()
     assert planned[0] < 0.5 * planned[1], planned   # the loose tolerance compresses, the tight one little
     assert measured[1] < 0.003 * 3 and measured[0] > measured[1], measured
+
+
+def _claiming_codec(name: str, keeps_values: bool):
+    """A codec outside the default set whose calibration (``estimate``) claims no error at a byte
+    per value; it keeps the values (``keeps_values``) or unpacks zeros."""
+    import dataclasses
+    from typing import ClassVar
+
+    @dataclasses.dataclass(frozen=True)
+    class Claiming:
+        epsilon: float | None = None
+        fixed_rate: ClassVar[bool] = True
+        copies: ClassVar[float] = 1.0
+
+        def supports(self, spec):
+            return spec.dtype.is_floating_point
+
+        def packed_nbytes(self, spec):
+            return spec.numel
+
+        def estimate(self, x):
+            return 0.0, x.numel()
+
+        def pack(self, x):
+            return (x.clone() if keeps_values else torch.zeros_like(x),)
+
+        def unpack(self, packed):
+            return packed[0]
+
+    Claiming.name = name
+    return Claiming
+
+
+@pytest.mark.parametrize("keeps_values", [False, True])
+def test_a_plan_with_codecs_outside_the_default_set_is_kept_only_if_it_measures_better(monkeypatch, keeps_values):
+    """Calibration can only predict a transform's effect on the gradient; where a plan takes a
+    codec outside the default set, planning measures it against the default set's plan (one
+    probe backward each) and keeps the one that moves the gradient less."""
+    import actcompile.codecs as registry
+
+    name = "test_keeps" if keeps_values else "test_zeros"
+    codec_class = _claiming_codec(name, keeps_values)
+    monkeypatch.setitem(registry._REGISTRY, name, codec_class)
+    torch.manual_seed(0)
+    model, x = ConvNet(), torch.randn(8, 3, 32, 32)
+    plan = actcompile.explain(model, x, budget=0.5, recompute=False, codecs=["int8", name])
+    chosen = {a.codec for a in plan.assignments}
+    if keeps_values:   # exact at fewer bytes: kept, and measured exact
+        assert name in chosen and plan.measured_gradient_error == 0.0
+    else:              # zeros: the int8 plan moves the gradient far less
+        assert name not in chosen and chosen == {"int8"}
+        assert 0.0 < plan.measured_gradient_error < 0.05
+    assert plan.planned_bytes <= plan.budget_bytes
+    default_only = actcompile.explain(model, x, budget=0.5, recompute=False, codecs=["int8"])
+    assert default_only.measured_gradient_error is None   # nothing outside the default set: no probe
+
+
+def test_probe_gradients_are_the_parameter_gradients_and_see_each_substituted_save():
+    from actcompile.codecs import get_codec
+    from actcompile.passes.sensitivity import gradient_error, probe_gradients
+
+    torch.manual_seed(0)
+    model, x = ConvNet(), torch.randn(4, 3, 16, 16)
+    (graph,) = capture_graphs(model, x)
+    exact = probe_gradients(graph)
+    expected = probe_gradients_of(model, x)
+    assert {id(p) for p in model.parameters()} == set(exact)
+    for p in model.parameters():
+        assert torch.allclose(exact[id(p)], expected[id(p)], atol=1e-6)
+    assert gradient_error([(exact, probe_gradients(graph))]) == 0.0   # the same seed: the same probe
+    profile = profile_memory(graph)
+    keys = [(t.node, t.ordinal) for t in profile.tensors if t.is_activation]
+    errors = [gradient_error([(exact, probe_gradients(graph, {k: get_codec(c) for k in keys}))])
+              for c in ("int8", "int4", "int2")]
+    assert 0.0 < errors[0] < errors[1] < errors[2], errors
+
+
+def probe_gradients_of(model, x, seed=0):
+    """{id(parameter): gradient} of the probe probe_gradients runs, through the model itself."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        out = model(x)
+        tangent = torch.randn_like(out)
+    params = list(model.parameters())
+    return {id(p): g for p, g in zip(params, torch.autograd.grad(out, params, tangent))}
