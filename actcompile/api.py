@@ -54,7 +54,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from actcompile.codecs import get_codec
-from actcompile.config import DRIFT_SLACK, Budget, CompileConfig, default_codecs, parse_budget
+from actcompile.config import DRIFT_SLACK, Budget, CompileConfig, default_codecs, parse_budget, quantizer_codecs
 from actcompile.errors import BudgetError, CodecError, PlanDriftWarning
 from actcompile.passes.calibrate import Calibrator, calibrate
 from actcompile.passes.capture import (CapturedGraph, GraphRunner, Inputs, capture_graphs, dynamo_forward,
@@ -96,6 +96,8 @@ def make_config(budget, codecs=None, optimizer=None, **options) -> CompileConfig
         budget = 1.0
     if codecs == "all":
         codecs = default_codecs(everything=True)
+    elif codecs == "quantizers":
+        codecs = quantizer_codecs()
     elif codecs is not None:
         if isinstance(codecs, str) or not hasattr(codecs, "__iter__"):
             codecs = (codecs,)
@@ -147,36 +149,39 @@ def _calibrated(graph: CapturedGraph, config: CompileConfig, whole: frozenset = 
     return profile, calibration, shares
 
 
-def _outside_default_set(codec) -> bool:
-    """A codec only a named set offers (``codecs="all"``: DCT, wavelet, FFT low-pass, SVD/HOSVD,
-    thresholding; a registered codec of one's own), not one of the default set or the lossless
-    integer codecs."""
-    return not (getattr(codec, "default_enabled", False) or getattr(codec, "lossless_integer", False))
+def _gradient_checked(codec) -> bool:
+    """A codec a plan takes only if a probe backward vouches for it: the transforms (DCT,
+    wavelet, FFT low-pass, SVD/HOSVD, thresholding: ``gradient_checked``) and any codec outside
+    the default set (a registered codec of one's own), not the quantizers, ``mask`` or the
+    lossless integer codecs."""
+    if getattr(codec, "lossless_integer", False):
+        return False
+    return getattr(codec, "gradient_checked", False) or not getattr(codec, "default_enabled", False)
 
 
 def _measured_choice(graphs: list[CapturedGraph], plans: list[Plan], measured: list, config: CompileConfig,
                      progress: Progress | None = None, **knapsack) -> tuple[list[Plan], float | None]:
-    """``plans`` or the plans the knapsack makes without the codecs outside the default set,
+    """``plans`` or the plans the knapsack makes without the :func:`_gradient_checked` codecs,
     whichever measurably moves the parameter gradient less, and that measured relative error.
 
-    Only where ``plans`` hold such a codec and the default set was offered too: the knapsack
-    weighs every codec's relative error alike (per unit of gradient share), but a transform's
-    error is structured, and how much of it the gradient sees differs by model. Measured at
-    1/8 without recompute (``benchmarks/results/planning.md`` run 5): with every codec,
-    ResNet-18's gradient cosine fell from 0.99154 to 0.98041 (a DCT) while MobileNetV2's rose
-    from 0.97919 to 0.98987 (HOSVD). Each graph runs one exact probe backward and one per plan
+    Only where ``plans`` hold such a codec and others were offered too: the knapsack weighs
+    every codec's relative error alike (per unit of gradient share), but a transform's error is
+    structured, and how much of it the gradient sees differs by model. Measured at 1/8 without
+    recompute (``benchmarks/results/planning.md`` run 5): with the transforms, ResNet-18's
+    gradient cosine fell from 0.99154 to 0.98041 (a DCT) while MobileNetV2's rose from 0.97919
+    to 0.98987 (HOSVD). Each graph runs one exact probe backward and one per plan
     (:func:`~actcompile.passes.sensitivity.probe_gradients`, the same random tangent), so the
     check costs about three training steps of the example inputs, only when a transform is
     chosen. Not with ``tolerance`` (its plans hold the least memory under it, whatever the error).
     ``measured``: :func:`_calibrated` per graph; ``knapsack``: ``choose_plans``' keywords.
     """
-    outside = {c.name for c in config.codecs if _outside_default_set(c)}
-    if (config.tolerance is not None or len(outside) == len(config.codecs)
-            or not any(a.codec in outside for p in plans for a in p.assignments)):
+    checked = {c.name for c in config.codecs if _gradient_checked(c)}
+    if (config.tolerance is not None or len(checked) == len(config.codecs)
+            or not any(a.codec in checked for p in plans for a in p.assignments)):
         return plans, None
     if progress is not None:
         progress.phase("measuring the gradient error of the plans with and without the transforms")
-    calibrations = [{key: [m for m in entries if m[0].name not in outside] for key, entries in calibration.items()}
+    calibrations = [{key: [m for m in entries if m[0].name not in checked] for key, entries in calibration.items()}
                     for _, calibration, _ in measured]
     try:
         alternative = choose_plans([p for p, _, _ in measured], config, calibrations,

@@ -91,21 +91,33 @@ def parse_budget(budget) -> Budget:
 DEFAULT_EPSILONS = (0.01, 0.05, 0.2, 0.45)
 def default_codecs(everything: bool = False) -> tuple:
     """The registered codecs the policy tries when none are named: those whose class says
-    ``default_enabled = True`` (the quantizers and the mask), or all but ``none`` and ``random``
-    with ``everything=True`` (``codecs="all"``). The transforms stay opt-in. Their calibration
-    is now cheap (benchmarks/results/planning.md run 5: every codec costs 1.0-2.4× the default
-    set's planning, ResNet-50 7.7 s against 6.7 s, and changed none of ten joint plans); what
-    keeps them out is fidelity: at 1/8 without recompute, ResNet-18's gradient cosine fell from
-    0.99154 to 0.98041 with them (a DCT at ε 0.45) while MobileNetV2's rose from 0.97919 to
-    0.98987 (HOSVD). Before gradient sensitivity, GPT-2's joint plan at 1/4 fell to 0.986 with
-    a DCT (reach.md run 3). Where they planned, error_structure.md found their error reaching
-    the gradient about as much per unit of ε as a quantizer's, a coarse measure. The lossless integer codecs
-    (:mod:`actcompile.codecs.integer`) are not in either set: ``narrow_integers`` offers them."""
+    ``default_enabled = True`` (the quantizers, ``mask`` and the transforms: DCT, wavelet, FFT
+    low-pass, SVD/HOSVD, thresholding), or all but ``none`` and ``random`` with
+    ``everything=True`` (``codecs="all"``: codecs registered without ``default_enabled`` too).
+    The transforms joined the default set once their calibration was cheap and their plans
+    checked: calibrated on samples with every ε from one pass, every codec costs 1.0-2.4× the
+    quantizers' planning (benchmarks/results/planning.md run 5, ResNet-50 7.2-7.7 s against
+    6.6-6.7 s), and a plan that takes a transform is kept only where one probe backward shows it
+    moves the gradient no more than the quantizers' plan (``gradient_checked``; at 1/8 without
+    recompute a DCT plan had cost ResNet-18 0.011 of gradient cosine while HOSVD gained
+    MobileNetV2 as much). :func:`quantizer_codecs` is the set before them (``codecs="quantizers"``:
+    the fastest planning). The lossless integer codecs (:mod:`actcompile.codecs.integer`) are
+    in no set: ``narrow_integers`` offers them."""
     from actcompile.codecs import available_codecs, get_codec
 
     codecs = [get_codec(name) for name in available_codecs() if name not in ("none", "random")]
     codecs = [c for c in codecs if not getattr(c, "lossless_integer", False)]   # always offered, see narrow_integers
     return tuple(c for c in codecs if everything or getattr(c, "default_enabled", False))
+
+
+def quantizer_codecs() -> tuple:
+    """The default set without the transforms (``codecs="quantizers"``): int8, int4, int2, fp8
+    and ``mask``, which calibrate fastest and need no probe backward.
+
+    >>> sorted(c.name for c in quantizer_codecs())
+    ['fp8', 'int2', 'int4', 'int8', 'mask']
+    """
+    return tuple(c for c in default_codecs() if not getattr(c, "gradient_checked", False))
 
 
 ERROR_WEIGHTINGS = ("tensor", "bytes", "gradient")

@@ -55,10 +55,12 @@ def gate_codec(wrapped):
 
 
 # The gate's output at planning is all zeros: what the plan gives it keeps them "exactly" and
-# drifts once the gate moves. With the default codecs it is the 1-bit mask; offered DCT, DCT
-# capped at the few bytes the zeros needed.
-GATE_PLANS = [pytest.param(None, "mask", id="mask"),
-              pytest.param(["dct", "int8", "int4"], "dct", id="dct")]
+# drifts once the gate moves. With the quantizers and mask it is the 1-bit mask; with the
+# default set (DCT in it), DCT capped at the few bytes the zeros needed (the probe backward that
+# checks a transform sees the zero gate too: no gradient flows past it yet).
+GATE_PLANS = [pytest.param("quantizers", "mask", id="mask"),
+              pytest.param(["dct", "int8", "int4"], "dct", id="dct"),
+              pytest.param(None, "dct", id="default")]
 
 
 @pytest.mark.parametrize("codecs, gate", GATE_PLANS)
@@ -142,8 +144,8 @@ def test_a_plan_given_with_use_plan_is_kept_and_the_warning_says_so():
     torch.manual_seed(0)
     model = ZeroGate()
     x, _ = batch(0)
-    plan = explain(model, x, budget=0.3, recompute=False)
-    wrapped = actcompile(model, budget=0.3, check_every=2, compile_codecs=False)
+    plan = explain(model, x, budget=0.3, recompute=False, codecs="quantizers")
+    wrapped = actcompile(model, budget=0.3, check_every=2, compile_codecs=False, codecs="quantizers")
     wrapped.use_plan(plan, x)
     with pytest.warns(PlanDriftWarning, match="use_plan"):
         train(wrapped, model, steps=4)
@@ -178,7 +180,8 @@ def test_a_recomputed_run_is_not_checked_as_the_codec_on_its_first_nodes_save():
     1.9× the budget on the forwards after)."""
     torch.manual_seed(0)
     x = torch.randn(256, 64)
-    model = actcompile(_CheckpointedBlock(), budget=0.125, example_inputs=x, check_every=1)
+    # the quantizers: with the transforms, the plan at 1/8 recomputes nothing here
+    model = actcompile(_CheckpointedBlock(), budget=0.125, example_inputs=x, check_every=1, codecs="quantizers")
     names = [(a.node, a.ordinal, a.codec == "recompute") for a in model.plan.assignments]
     shared = {(n, o) for n, o, r in names if r} & {(n, o) for n, o, r in names if not r}
     assert shared, f"no recomputed run shares its name with a codec here, so this test shows nothing: {names}"

@@ -141,6 +141,12 @@ class VariableRate:
     # slice is coded alike: blocks, per-image transforms, elementwise): calibration may measure
     # a sample (passes/calibrate.py). Not so for low rank, whose batch mode is part of the code.
     calibrates_on_slices: ClassVar[bool] = True
+    # In the default set, but checked: calibration measures a transform's relative error, which
+    # reaches the gradient unlike quantization noise (a band, a rank, the largest values kept);
+    # a plan that takes one is kept only if one probe backward shows it moves the gradient no
+    # more than the plan without them (actcompile/api.py _measured_choice).
+    default_enabled: ClassVar[bool] = True
+    gradient_checked: ClassVar[bool] = True
 
     def _size_option(self):
         """The codec's own fixed-size option (a keep fraction, a rank), or None."""
