@@ -66,7 +66,8 @@ def compression_table(plan: Plan, compile_codecs: bool = False) -> dict:
         if a.codec == RECOMPUTE:
             continue
         codec = get_codec(a.codec, **dict(a.options), **({"epsilon": a.epsilon} if a.epsilon is not None else {}))
-        if compile_codecs and getattr(codec, "traceable", True):   # narrow's range check reads data
+        # not compiled: narrow's range check reads the data; an ε-mode transform's sizes come from it
+        if compile_codecs and getattr(codec, "traceable", True) and getattr(codec, "target_epsilon", None) is None:
             codec = CompiledCodec(codec)
         planned = runtime.Planned(codec, tuple(a.shape), getattr(torch, a.dtype))
         table[(a.node, a.ordinal)] = planned
