@@ -26,15 +26,19 @@ class ConvNet(nn.Module):
         return self.head(h.mean(dim=(2, 3)))
 
 
-def probe_gradients(model, x, seed=0):
-    """The parameter gradients of the probe gradient_shares runs (same seed, same tangent)."""
+def model_probe(model, x, seed=0):
+    """{name: gradient} of the probe gradient_shares runs, through the model itself (same seed, same tangent)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         out = model(x)
         tangent = torch.randn_like(out)
     names = [n for n, _ in model.named_parameters()]
-    grads = torch.autograd.grad(out, list(model.parameters()), tangent)
-    return {n: float(g.double().pow(2).sum()) for n, g in zip(names, grads)}
+    return dict(zip(names, torch.autograd.grad(out, list(model.parameters()), tangent)))
+
+
+def probe_gradients(model, x, seed=0):
+    """The squared norms of :func:`model_probe`'s gradients, by parameter name."""
+    return {n: float(g.double().pow(2).sum()) for n, g in model_probe(model, x, seed).items()}
 
 
 def saved_by(profile, op):
@@ -274,10 +278,10 @@ def test_probe_gradients_are_the_parameter_gradients_and_see_each_substituted_sa
     model, x = ConvNet(), torch.randn(4, 3, 16, 16)
     (graph,) = capture_graphs(model, x)
     exact = probe_gradients(graph)
-    expected = probe_gradients_of(model, x)
+    expected = model_probe(model, x)
     assert {id(p) for p in model.parameters()} == set(exact)
-    for p in model.parameters():
-        assert torch.allclose(exact[id(p)], expected[id(p)], atol=1e-6)
+    for name, p in model.named_parameters():
+        assert torch.allclose(exact[id(p)], expected[name], atol=1e-6)
     assert gradient_error([(exact, probe_gradients(graph))]) == 0.0   # the same seed: the same probe
     profile = profile_memory(graph)
     keys = [(t.node, t.ordinal) for t in profile.tensors if t.is_activation]
@@ -285,12 +289,3 @@ def test_probe_gradients_are_the_parameter_gradients_and_see_each_substituted_sa
               for c in ("int8", "int4", "int2")]
     assert 0.0 < errors[0] < errors[1] < errors[2], errors
 
-
-def probe_gradients_of(model, x, seed=0):
-    """{id(parameter): gradient} of the probe probe_gradients runs, through the model itself."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        out = model(x)
-        tangent = torch.randn_like(out)
-    params = list(model.parameters())
-    return {id(p): g for p, g in zip(params, torch.autograd.grad(out, params, tangent))}
