@@ -290,6 +290,36 @@ def recompute(fn, *args, **kwargs):
     return torch.utils.checkpoint.checkpoint(call, *args, use_reentrant=False, preserve_rng_state=True)
 
 
+class _PackedArgument:
+    """An argument of a recomputed run kept packed, with the forward's shape and ``requires_grad``:
+    the recomputation must save what the forward saved (the ops' input-gradient formulas), or
+    checkpoint refuses it."""
+
+    __slots__ = ("saved", "shape", "requires_grad")
+
+    def __init__(self, saved, shape: torch.Size, requires_grad: bool):
+        self.saved, self.shape, self.requires_grad = saved, shape, requires_grad
+
+    def decode(self) -> torch.Tensor:
+        return _unpack(self.saved).reshape(self.shape).detach().requires_grad_(self.requires_grad)
+
+
+def _pack_argument(session, value, key: tuple[str, int]):
+    """``value`` kept as the plan packs save ``key``; a tuple or list (``chunk``'s views of one
+    storage, read whole by the run) item by item, in a container of its type."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_pack_argument(session, v, key) if isinstance(v, torch.Tensor) else v for v in value)
+    return _PackedArgument(session.pack_as(value, key), value.shape, value.requires_grad)
+
+
+def _decode_argument(kept):
+    if isinstance(kept, _PackedArgument):
+        return kept.decode()
+    if isinstance(kept, (tuple, list)):
+        return type(kept)(_decode_argument(v) for v in kept)
+    return kept
+
+
 class Recomputed:
     """``fn`` called through :func:`recompute`: a graph node's target (FX cannot print a builtin
     such as ``torch.lstm`` as an argument, but takes any named callable as a target).
@@ -330,11 +360,9 @@ class Recomputed:
             if isinstance(args[i], torch.Tensor):
                 kept[i] = args[i].clone()
         for i, key in packed:
-            kept[i] = session.pack_as(args[i], tuple(key))
+            kept[i] = _pack_argument(session, args[i], tuple(key))
         forward = [args]   # the real arguments, dropped once the forward ran
-        # a decoded argument needs the original's shape and requires_grad: the recomputation must
-        # save what the forward saved (the ops' input-gradient formulas), or checkpoint refuses it
-        decoded = {i: (args[i].shape, args[i].requires_grad) for i, _ in packed}
+        decoded = {i for i, _ in packed}
         # what is kept as it is must still be what the forward read (checkpoint's own inputs get
         # this check from autograd's saved-tensor versions; these bypass it)
         versions = {i: x._version for i, x in enumerate(kept) if isinstance(x, torch.Tensor) and i not in decoded}
@@ -351,8 +379,7 @@ class Recomputed:
                 raise RuntimeError(f"actcompile: arguments {changed} of the recomputed {self.__name__} were modified "
                                    "in place after the forward; recomputing from them would give wrong gradients "
                                    "(plan with recompute=False, or do not modify them in place)")
-            return self.fn(*(_unpack(x).reshape(decoded[i][0]).detach().requires_grad_(decoded[i][1])
-                             if i in decoded else x for i, x in enumerate(kept)), **kw)
+            return self.fn(*(_decode_argument(x) if i in decoded else x for i, x in enumerate(kept)), **kw)
 
         del args
         return recompute(run, *devices, **kwargs)

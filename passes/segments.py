@@ -168,6 +168,9 @@ def _segment(piece: list[str], records: dict[str, NodeRecord], first_maker: dict
             continue
         if r.kind and r.kind != TensorKind.ACTIVATION.value:
             continue   # parameters and the caller's inputs are held anyway
+        if len(r.storages) > 1:   # a tuple of several storages (``sort``'s values and indices) is one
+            extra += sum(b for _, b in r.storages)   # argument: the run keeps it whole, not packed
+            continue
         for storage, nbytes in r.storages:
             if storage >= 0:
                 if tensors[storage].is_activation:

@@ -283,3 +283,42 @@ def test_activations_in_place_by_position_are_recomputed_exactly():
     assert torch.equal(out, ref_out)
     _, rel = compare_gradients(ref, got)
     assert rel < 1e-6, f"recomputation changed gradients: rel err {rel:.3g}"
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2's unit: split the channels with ``chunk``, transform one half, concatenate,
+    shuffle. A recomputed run that starts at the split reads ``chunk``'s tuple (two views of one
+    storage) as one argument."""
+
+    def __init__(self, width):
+        super().__init__()
+        half = width // 2
+        self.branch = nn.Sequential(nn.Conv2d(half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
+                                    nn.Conv2d(half, half, 3, padding=1, groups=half, bias=False),
+                                    nn.BatchNorm2d(half), nn.Conv2d(half, half, 1, bias=False),
+                                    nn.BatchNorm2d(half), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, dim=1)
+        out = torch.cat((x1, self.branch(x2)), dim=1)
+        b, c, h, w = out.shape
+        return out.view(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+def test_a_run_reading_a_split_tuple_keeps_it_packed():
+    """torchvision's ShuffleNetV2 at 1/16 failed in backward ('tuple' object has no attribute
+    'shape'): the run's packed boundary was ``chunk``'s tuple. Each view is packed now (one
+    storage, packed once), within the budget, with the gradients kept."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), *[ShuffleUnit(32) for _ in range(6)],
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).train()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    compiled = actcompile(copy.deepcopy(model), budget=0.0625, example_inputs=x)
+    plan = compiled.plan
+    chunks = [p for a in recomputed(plan) for p in dict(a.options)["packed"] if p[0].startswith("chunk")]
+    assert chunks, str(plan)
+    _, ref = forward_backward(model, x)
+    cosine = compare_gradients(ref, forward_backward(compiled, x)[1])[0]
+    assert cosine >= 0.99, f"ShuffleNet-like at 1/16: gradient cosine {cosine:.5f}"
+    kept = min(kept_by_forward(compiled, x) for _ in range(2))
+    assert kept <= plan.budget_bytes, f"heap kept {kept} B > budget {plan.budget_bytes} B"
