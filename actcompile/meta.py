@@ -15,6 +15,7 @@ import torch.fx
 VAL = "val"                      # FakeTensor (or structure of them) of the node's output
 DYNAMO_VAL = "example_value"     # Dynamo's spelling of the same
 GRAPHARG = "grapharg"            # Dynamo's record of where a placeholder's value comes from
+MODULE_STATE = "actcompile_module_state"   # a placeholder whose value the program holds beyond the forward
 
 
 def get_val(node: torch.fx.Node):
@@ -29,3 +30,13 @@ def set_val(node: torch.fx.Node, value) -> None:
 def placeholder_source(node: torch.fx.Node):
     """Dynamo's ``Source`` of a placeholder (``LocalSource('x')``, an attribute path, ...), or ``None``."""
     return getattr(node.meta.get(GRAPHARG), "source", None)
+
+
+def mark_module_state(node: torch.fx.Node) -> None:
+    """Record that a placeholder's value is held beyond the forward (a parameter, a buffer, an
+    attribute: Dynamo lifts them into graph inputs; a plain forward reads them where they live)."""
+    node.meta[MODULE_STATE] = True
+
+
+def is_module_state(node: torch.fx.Node) -> bool:
+    return bool(node.meta.get(MODULE_STATE, False))

@@ -133,6 +133,7 @@ class _Session:
         self.packed: dict[int, tuple[StorageWeakRef, weakref.ref]] = {} if packed is None else packed
         self.stats = RuntimeStats()
         self.hooked = 0   # hooks installed (push_hooks) and not removed yet
+        self.unversioned: frozenset = frozenset()   # storages kept without a version check (StateReadingCall)
 
     def push_hooks(self) -> None:
         """Send the saves made from now on through :meth:`pack` (until :meth:`pop_hooks`)."""
@@ -161,6 +162,8 @@ class _Session:
             self.stats.guard_failures += 1
             planned = None
         if planned is None:
+            if key.cdata in self.unversioned:
+                return t.detach() if t.requires_grad else t
             if self.outer is not None:
                 return _Outer(self.outer[0](t), self.outer[1])
             # Not t itself: a node saving its own output would then hold a tensor whose grad_fn
@@ -403,6 +406,48 @@ def sharing_packed():
         yield
     finally:
         _active.packed = previous
+
+
+class StateReadingCall:
+    """A checkpointed region (Dynamo's ``tag_activation_checkpoint``) called with the module
+    state it reads (``state``: positions of parameters and buffers among its arguments).
+
+    A plain ``torch.utils.checkpoint(block, x)`` keeps ``x`` for the recomputation; the block's
+    parameters and buffers are read where they live, at recompute time. Dynamo lifts them into
+    the region's arguments, so checkpoint keeps them too, with their versions: a BatchNorm in
+    the region bumps ``num_batches_tracked`` when it is recomputed, and backward then refused to
+    run (plain: trains; ``torch.compile(backend="eager")`` refuses alike). Here they are kept
+    without a version check, as reading them where they live would be; every other save goes
+    to the hooks active around the call (the plan's, a user's), else is version-checked.
+    """
+
+    def __init__(self, fn, state: tuple[int, ...]):
+        self.fn = fn
+        self.state = tuple(state)
+        self.__name__ = f"state_reading_{getattr(fn, '__name__', type(fn).__name__)}"
+
+    def __call__(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return self.fn(*args, **kwargs)
+        state = frozenset(StorageWeakRef(args[i].untyped_storage()).cdata for i in self.state
+                          if isinstance(args[i], torch.Tensor))
+        session, hooks = _session(), outer_saved_tensor_hooks()
+        if session is not None and hooks is not None and hooks[0] == session.pack:
+            before, session.unversioned = session.unversioned, session.unversioned | state
+            try:
+                return self.fn(*args, **kwargs)
+            finally:
+                session.unversioned = before
+
+        def pack(t):
+            if StorageWeakRef(t.untyped_storage()).cdata in state:
+                return t.detach() if t.requires_grad else t
+            if hooks is not None:
+                return _Outer(hooks[0](t), hooks[1])
+            return _Kept(t.detach() if t.requires_grad else t)
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+            return self.fn(*args, **kwargs)
 
 
 def outer_saved_tensor_hooks():

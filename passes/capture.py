@@ -98,6 +98,9 @@ class GraphRunner:
         self.name = name
         # Read now: Dynamo drops its placeholder records once the backend returns.
         self.from_locals = tuple(_from_locals(meta.placeholder_source(n)) for n in gm.graph.find_nodes(op="placeholder"))
+        for node, local in zip(gm.graph.find_nodes(op="placeholder"), self.from_locals):
+            if not local:
+                meta.mark_module_state(node)
 
     def __call__(self, *flat_inputs):
         handler = getattr(_current, "handler", None)

@@ -33,7 +33,7 @@ import operator
 import torch
 import torch.fx
 
-from actcompile import runtime
+from actcompile import meta, runtime
 from actcompile.codecs import get_codec
 from actcompile.codecs.kernels import CompiledCodec
 from actcompile.plan import RECOMPUTE, Plan, SkipReason
@@ -122,6 +122,16 @@ def _wrap_in_recompute(gm: torch.fx.GraphModule, graph: torch.fx.Graph, names: t
         graph.erase_node(n)
 
 
+def _read_state_as_plain_checkpoint(graph: torch.fx.Graph) -> None:
+    """Route each checkpointed region given module state through :class:`runtime.StateReadingCall`."""
+    checkpoint = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
+    for node in graph.find_nodes(op="call_function", target=checkpoint) if checkpoint is not None else ():
+        state = tuple(i for i, a in enumerate(node.args)
+                      if isinstance(a, torch.fx.Node) and a.op == "placeholder" and meta.is_module_state(a))
+        if state:
+            node.target = runtime.StateReadingCall(checkpoint, state)
+
+
 def emit_regions(gm: torch.fx.GraphModule, plan: Plan, compile_codecs: bool = False) -> CompressedGraphModule:
     """A new module running ``gm``'s graph with ``plan``'s compression; ``gm`` is not modified.
 
@@ -142,6 +152,7 @@ def emit_regions(gm: torch.fx.GraphModule, plan: Plan, compile_codecs: bool = Fa
             options = dict(a.options)
             _wrap_in_recompute(gm, graph, tuple(options.get("nodes", (a.node,))), tuple(options.get("held", ())),
                                tuple(tuple(p) for p in options.get("packed", ())), renamed)
+    _read_state_as_plain_checkpoint(graph)
     nodes = {n.name: n for n in graph.nodes}   # a packed save made inside a recomputed run has no marker:
                                                # the run packs it for itself (runtime.Recomputed)
     # Only marked nodes run under the pack hook (runtime.begin_node): every save of a storage the

@@ -235,6 +235,55 @@ def test_outer_save_on_cpu_still_gets_the_saves_the_plan_leaves():
     assert cosine(ref, on_cpu) > 0.99
 
 
+class NormBlock(nn.Module):
+    def __init__(self, channels=16):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x))) + x
+
+
+class CheckpointedNorms(nn.Module):
+    """Every other block checkpointed: its BatchNorm updates its statistics in place, again
+    when it is recomputed in backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.blocks = nn.ModuleList(NormBlock() for _ in range(4))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        for i, block in enumerate(self.blocks):
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if i % 2 == 0 else block(x)
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.25])
+def test_checkpointed_batchnorm_trains_as_without_actcompile(budget):
+    """Dynamo passes a checkpointed block its parameters and buffers as arguments, which
+    checkpoint keeps with their versions; the recomputed BatchNorm bumps ``num_batches_tracked``
+    and backward refused to run ("modified by an inplace operation"), while the plain model
+    trains. Now: the same gradients, and the statistics moved as the plain model moves them
+    (twice in a checkpointed block: once in forward, once recomputed)."""
+    torch.manual_seed(0)
+    model = CheckpointedNorms().train()
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 10, (4,), generator=torch.Generator().manual_seed(1))
+    plain = copy.deepcopy(model)
+    compiled = actcompile(model, budget=budget, example_inputs=x)
+    ref_out, ref = step(plain, x, labels)
+    out, got = step(compiled, x, labels)
+    assert torch.equal(out, ref_out)
+    assert cosine(ref, got) > (0.999999 if budget == 1.0 else 0.99), f"gradient cosine {cosine(ref, got):.6f}"
+    for (name, a), b in zip(plain.named_buffers(), model.buffers()):
+        if budget == 1.0 or "num_batches" in name:
+            assert torch.equal(a, b), f"{name}: {b} after one step, {a} without actcompile"
+
+
 def test_outer_checkpoint_around_the_compressed_model_composes():
     model, x, labels = make("none")
     compiled = actcompile(model, budget=0.25, example_inputs=x)
