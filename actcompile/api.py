@@ -389,6 +389,7 @@ class ActCompiledModule(nn.Module):
             new = list(first_calls.values())
             repeats = [sum(1 for g in graphs if g.runner is n.runner) for n in new]
             fixed = sum(self._graphs[g.runner].plan.planned_bytes for g in graphs if g.runner in self._graphs)
+            fixed += graphs.uncaptured_bytes   # kept by plain Python between and around the graphs
             with preserved_state(self._original):
                 measured = [_calibrated(g, self.compile_config, self._drifted_keys(g.name), early.get(g.runner))
                             for g in new]
@@ -402,7 +403,16 @@ class ActCompiledModule(nn.Module):
                     fixed_bytes=fixed, repeats=repeats, shares=[s for _, _, s in measured])
                 peak = dict(peak_budget_bytes=limit, predicted_peak_bytes=predicted)
             else:
-                plans = choose_plans(*arguments, fixed_bytes=fixed, repeats=repeats, shares=[s for _, _, s in measured])
+                try:
+                    plans = choose_plans(*arguments, fixed_bytes=fixed, repeats=repeats,
+                                         shares=[s for _, _, s in measured])
+                except BudgetError as err:
+                    if not graphs.uncaptured_bytes:
+                        raise
+                    raise BudgetError(f"{err}; {format_bytes(graphs.uncaptured_bytes)} of what cannot be compressed "
+                                      "is saved or returned by code Dynamo ran as plain Python, outside any graph "
+                                      "(a graph break: TORCH_LOGS=graph_breaks shows where)",
+                                      smallest_bytes=err.smallest_bytes) from None
                 with preserved_state(self._original):
                     plans, gradient_error_measured = _measured_choice(new, plans, measured, config, progress,
                                                                       fixed_bytes=fixed, repeats=repeats)
@@ -418,7 +428,8 @@ class ActCompiledModule(nn.Module):
             if config.tolerance is not None or peak:   # the activation bytes the tolerance or peak needs
                 budget_bytes = fixed + sum(p.budget_bytes * r for p, r in zip(plans, repeats))
             plan = ModelPlan(max(budget_bytes, 1), tuple(Section(g.name, self._graphs[g.runner].plan) for g in graphs),
-                             planning_seconds=time.perf_counter() - started, **peak, **checked)
+                             planning_seconds=time.perf_counter() - started, uncaptured_bytes=graphs.uncaptured_bytes,
+                             **peak, **checked)
             if progress is not None:
                 progress.done(f"planned in {plan.planning_seconds:.1f} s: {format_bytes(plan.planned_bytes)} of "
                               f"{format_bytes(plan.baseline_bytes)}, budget {format_bytes(plan.budget_bytes)}")

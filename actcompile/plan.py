@@ -444,24 +444,29 @@ class ModelPlan:
     # the parameter gradient's relative error one probe backward measured with this plan's codecs,
     # where planning compared plans by it (codecs outside the default set chosen: api._measured_choice)
     measured_gradient_error: float | None = dataclasses.field(default=None, compare=False)
+    # activation bytes the forward keeps that no captured graph made or saves: what code Dynamo
+    # ran as plain Python saved for backward or returned (capture.CapturedGraphs); held as they
+    # are, counted in the baseline and the planned bytes
+    uncaptured_bytes: int = 0
 
     def __post_init__(self):
         _require(self.budget_bytes > 0, "ModelPlan", "budget_bytes", self.budget_bytes, "must be > 0")
+        _require(self.uncaptured_bytes >= 0, "ModelPlan", "uncaptured_bytes", self.uncaptured_bytes, "must be >= 0")
         _require((self.peak_budget_bytes is None) == (self.predicted_peak_bytes is None), "ModelPlan",
                  "predicted_peak_bytes", self.predicted_peak_bytes, "must be given with peak_budget_bytes")
 
     @property
     def baseline_bytes(self) -> int:
-        return sum(s.plan.baseline_bytes for s in self.sections)
+        return self.uncaptured_bytes + sum(s.plan.baseline_bytes for s in self.sections)
 
     @property
     def planned_bytes(self) -> int:
-        return sum(s.plan.planned_bytes for s in self.sections)
+        return self.uncaptured_bytes + sum(s.plan.planned_bytes for s in self.sections)
 
     @property
     def predicted_heap_bytes(self) -> int:
-        """As :attr:`Plan.predicted_heap_bytes`, over every section."""
-        return sum(s.plan.predicted_heap_bytes for s in self.sections)
+        """As :attr:`Plan.predicted_heap_bytes`, over every section (and the uncaptured bytes)."""
+        return self.uncaptured_bytes + sum(s.plan.predicted_heap_bytes for s in self.sections)
 
     @property
     def regions(self) -> tuple[Region, ...]:
@@ -501,6 +506,8 @@ class ModelPlan:
             data.update(peak_budget_bytes=self.peak_budget_bytes, predicted_peak_bytes=self.predicted_peak_bytes)
         if self.measured_gradient_error is not None:
             data.update(measured_gradient_error=self.measured_gradient_error)
+        if self.uncaptured_bytes:
+            data.update(uncaptured_bytes=self.uncaptured_bytes)
         return json.dumps(data, indent=1)
 
     @classmethod
@@ -509,7 +516,8 @@ class ModelPlan:
         return cls(budget_bytes=data["budget_bytes"], planning_seconds=data.get("planning_seconds"),
                    sections=tuple(Section(s["graph"], Plan.from_dict(s["plan"])) for s in data["sections"]),
                    peak_budget_bytes=data.get("peak_budget_bytes"), predicted_peak_bytes=data.get("predicted_peak_bytes"),
-                   measured_gradient_error=data.get("measured_gradient_error"))
+                   measured_gradient_error=data.get("measured_gradient_error"),
+                   uncaptured_bytes=data.get("uncaptured_bytes", 0))
 
     def __str__(self) -> str:
         rows = [("graph",) + _HEADER]
@@ -520,4 +528,6 @@ class ModelPlan:
         took = "" if self.planning_seconds is None else f" | planned in {self.planning_seconds:.2f} s"
         peak = ("" if self.peak_budget_bytes is None else f" | step peak {format_bytes(self.predicted_peak_bytes)} "
                 f"predicted of {format_bytes(self.peak_budget_bytes)}")
-        return _table(rows, f"{_footer(self)} | {graphs}{took}{peak}")
+        plain = ("" if not self.uncaptured_bytes else
+                 f" | {format_bytes(self.uncaptured_bytes)} kept by code Dynamo ran uncaptured")
+        return _table(rows, f"{_footer(self)} | {graphs}{plain}{took}{peak}")

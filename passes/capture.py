@@ -233,11 +233,33 @@ class CapturedGraph:
         return self.runner.name
 
 
-def run_dropping_saves(fn: Callable, *args, **kwargs):  # for the Python between graphs
+def run_dropping_saves(fn: Callable, *args, on_save: Callable | None = None, **kwargs):  # for the Python between graphs
     """Call ``fn`` with grad enabled but keep nothing for backward: the result cannot be
-    differentiated, and running it costs no activation memory."""
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: None, _no_unpack):
-        return fn(*args, **kwargs)
+    differentiated, and running it costs no activation memory. ``on_save(tensor)`` sees each
+    save dropped (those of the captured graphs are recorded by their runs' own hooks)."""
+    @torch._dynamo.disable   # Dynamo traces the hooks active around it: ours runs as plain Python
+    def drop(t):
+        if on_save is not None:
+            on_save(t)
+
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(drop, _no_unpack):
+            return fn(*args, **kwargs)
+    finally:   # Dynamo may keep the hook it traced under (a guard): it must not keep what on_save holds
+        on_save = None
+
+
+class CapturedGraphs(list):
+    """The graphs of one forward, in call order (a ``list`` of :class:`CapturedGraph`), and
+    ``uncaptured_bytes``: the activation storages the forward keeps that no graph made or saves.
+
+    Dynamo runs some code as plain Python: between the graphs of a graph break, and a whole
+    frame it gave up on (a data-dependent branch inside a loop makes it run the loop's frame
+    plainly, capturing only the calls it makes). What that code saves for backward, and what it
+    returns to the caller, is held by the forward, cannot be planned, and counts against the
+    budget (measured: such a model kept 3.7-12.7x its budget while this went uncounted)."""
+
+    uncaptured_bytes: int = 0
 
 
 def _no_unpack(_):
@@ -245,8 +267,9 @@ def _no_unpack(_):
 
 
 def capture_graphs(model: torch.nn.Module, example_inputs, *, forward=None,
-                   on_graph: Callable[[CapturedGraph], object] | None = None) -> list[CapturedGraph]:
-    """Run one training forward of ``model`` through Dynamo; the graphs it ran, in call order.
+                   on_graph: Callable[[CapturedGraph], object] | None = None) -> CapturedGraphs:
+    """Run one training forward of ``model`` through Dynamo; the graphs it ran, in call order
+    (with the bytes plain Python between them keeps: :class:`CapturedGraphs`).
 
     The forward keeps no activations (saves are dropped) and leaves no trace: buffers (BatchNorm
     statistics) and every RNG are restored afterwards. ``forward`` is an existing
@@ -268,9 +291,14 @@ def capture_graphs(model: torch.nn.Module, example_inputs, *, forward=None,
         found = saved.get(_storage_key(t))
         return found if found is not None and not found[0].expired() else None
 
+    uncaptured: dict[int, tuple[StorageWeakRef, int]] = {}   # storage -> (ref, bytes) saved outside the graphs
+
     def record(runner: GraphRunner, flat_inputs: list):
         kinds = list(input_kinds(runner, flat_inputs, model, args, kwargs))
-        for i, x in enumerate(flat_inputs):   # made by an earlier graph, which saves it too
+        # made by an earlier graph, which saves it too. (One plain Python saved is left an activation
+        # here and counted twice: a graph called again, as in a loop, is planned from its first call,
+        # and on the others the same input is the graph's to pack.)
+        for i, x in enumerate(flat_inputs):
             if kinds[i] is TensorKind.ACTIVATION and first_save(x) is not None:
                 kinds[i] = TensorKind.SHARED
         graph = CapturedGraph(runner, flat_inputs, tuple(kinds))
@@ -292,10 +320,26 @@ def capture_graphs(model: torch.nn.Module, example_inputs, *, forward=None,
         return out
 
     outputs: list[list] = []   # per graph: (leaf position, storage) of each tensor it returned
+    held = {_storage_key(t) for t in (*model.parameters(), *model.buffers(), *tree_leaves((args, kwargs)))
+            if isinstance(t, torch.Tensor)}
+
+    kept_outputs: set[tuple[int, int]] = set()   # (graph, leaf position) of graph outputs plain Python saved
+
+    def count_uncaptured(t: torch.Tensor):
+        key = _storage_key(t)
+        known = uncaptured.get(key)
+        if key in held or (known is not None and not known[0].expired()):
+            return   # module state, the caller's input, or counted
+        made_by = [(g, i) for g, leaves in enumerate(outputs) for i, ref in leaves if not ref.expired() and ref.cdata == key]
+        if made_by:   # a graph's output, kept whole by the Python that saved it: counted by its graph
+            kept_outputs.update(made_by)   # as an output (held, never packed), like what the caller gets
+            return
+        uncaptured[key] = (StorageWeakRef(t.untyped_storage()), t.untyped_storage().nbytes())
+
     versions = [(t, t._version) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     with preserved_state(model), handling(record):
         try:
-            result = run_dropping_saves(forward, *args, **kwargs)
+            result = run_dropping_saves(forward, *args, on_save=count_uncaptured, **kwargs)
         except ActCompileError:   # from planning inside the forward (an on_graph observer): as it is
             raise
         except Exception as err:
@@ -312,9 +356,16 @@ def capture_graphs(model: torch.nn.Module, example_inputs, *, forward=None,
                          "nothing can be planned. Run with TORCH_LOGS=graph_breaks to see why")
     # What the caller gets back stays alive after the forward (DESIGN.md: outputs count as bytes).
     handed_back = {_storage_key(t) for t in tensors_in(result)}
-    for graph, leaves in zip(graphs, outputs):
-        graph.returned = frozenset(i for i, ref in leaves if not ref.expired() and ref.cdata in handed_back)
-    return graphs
+    for g, (graph, leaves) in enumerate(zip(graphs, outputs)):
+        graph.returned = frozenset(i for i, ref in leaves if (not ref.expired() and ref.cdata in handed_back)
+                                   or (g, i) in kept_outputs)
+    from_graphs = {ref.cdata for leaves in outputs for _, ref in leaves if not ref.expired()}
+    for t in tensors_in(result):   # returned, made by plain Python
+        if _storage_key(t) not in from_graphs:
+            count_uncaptured(t)
+    captured = CapturedGraphs(graphs)
+    captured.uncaptured_bytes = sum(nbytes for _, nbytes in uncaptured.values())
+    return captured
 
 
 def tensors_in(obj, depth: int = 6) -> list[torch.Tensor]:
