@@ -7,7 +7,8 @@ from actcompile.api import ActCompiledModule, actcompile, explain
 from actcompile.codecs import available_codecs, get_codec, register_codec
 from actcompile.compile_backend import backend
 from actcompile.config import CompileConfig, parse_budget
-from actcompile.errors import ActCompileError, BudgetError, CodecError, InputMismatchError, PlanDriftWarning, TraceError
+from actcompile.errors import (ActCompileError, BudgetError, CodecError, GradientErrorWarning, InputMismatchError,
+                               PlanDriftWarning, TraceError)
 from actcompile.passes.capture import Inputs
 from actcompile.plan import ModelPlan, Plan
 
@@ -15,4 +16,5 @@ __all__ = [
     "actcompile", "explain", "backend", "Plan", "ModelPlan", "ActCompiledModule", "Inputs", "CompileConfig", "parse_budget",
     "available_codecs", "get_codec", "register_codec",
     "ActCompileError", "BudgetError", "CodecError", "InputMismatchError", "TraceError", "PlanDriftWarning",
+    "GradientErrorWarning",
 ]

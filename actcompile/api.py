@@ -55,7 +55,7 @@ from torch.utils._pytree import tree_leaves
 
 from actcompile.codecs import get_codec
 from actcompile.config import DRIFT_SLACK, Budget, CompileConfig, default_codecs, parse_budget, quantizer_codecs
-from actcompile.errors import BudgetError, CodecError, PlanDriftWarning
+from actcompile.errors import BudgetError, CodecError, GradientErrorWarning, PlanDriftWarning
 from actcompile.passes.calibrate import Calibrator, calibrate
 from actcompile.passes.capture import (CapturedGraph, GraphRunner, Inputs, capture_graphs, dynamo_forward,
                                        handling, input_kinds, normalize_inputs)
@@ -64,13 +64,20 @@ from actcompile.passes.memory import profile_memory
 from actcompile.passes.peak import choose_plans_for_peak, optimizer_state_bytes, resident_bytes
 from actcompile.passes.policy import choose_plans
 from actcompile.passes.rules import codec_choices, split_candidates
-from actcompile.passes.sensitivity import gradient_error, gradient_shares, probe_gradients
+from actcompile.passes.sensitivity import gradient_error, gradient_shares, probe_gradients, run_gradients
 from actcompile.measure import heap_in_use, heap_measurable
 from actcompile.plan import RECOMPUTE, ModelPlan, Plan, Section, format_bytes
 from actcompile.progress import Progress
 from actcompile.runtime import RuntimeStats, inside_checkpoint, preserved_state, sharing_packed
 
 _OPTION_NAMES = {f.name for f in dataclasses.fields(CompileConfig)} - {"budget", "codecs"}
+# a measured relative error of the parameter gradient above this is warned of (GradientErrorWarning):
+# gradient cosine about 0.95 or less (issue #7's floor at 1/16), where the benchmark models' plans
+# measure at most ~0.11 at 1/16 (benchmarks/results/reach.md)
+GRADIENT_ERROR_WARNING = 0.3
+# a plan that gives a saved tensor a codec this lossy (relative error, as int2 is) is measured
+# (one probe step) before it is kept: its gradient may be far off what the knapsack predicts
+RISKY_ERROR = 0.2
 
 
 def make_config(budget, codecs=None, optimizer=None, **options) -> CompileConfig:
@@ -164,38 +171,49 @@ def _measured_choice(graphs: list[CapturedGraph], plans: list[Plan], measured: l
     """``plans`` or the plans the knapsack makes without the :func:`_gradient_checked` codecs,
     whichever measurably moves the parameter gradient less, and that measured relative error.
 
-    Only where ``plans`` hold such a codec and others were offered too: the knapsack weighs
+    Compared where ``plans`` hold such a codec and others were offered too: the knapsack weighs
     every codec's relative error alike (per unit of gradient share), but a transform's error is
     structured, and how much of it the gradient sees differs by model. Measured at 1/8 without
     recompute (``benchmarks/results/planning.md`` run 5): with the transforms, ResNet-18's
     gradient cosine fell from 0.99154 to 0.98041 (a DCT) while MobileNetV2's rose from 0.97919
-    to 0.98987 (HOSVD). Each graph runs one exact probe backward and one per plan
-    (:func:`~actcompile.passes.sensitivity.probe_gradients`, the same random tangent), so the
-    check costs about three training steps of the example inputs, only when a transform is
-    chosen. Not with ``tolerance`` (its plans hold the least memory under it, whatever the error).
+    to 0.98987 (HOSVD). Measured alone where only such codecs reach the budget, or where a plan
+    takes a codec as lossy as :data:`RISKY_ERROR` on a tensor: wide_resnet50_2 at 1/16 (batch 2,
+    its BatchNorms recomputed from int2 boundaries) trained with gradient cosine 0.05, which the
+    knapsack's prediction cannot see. Each graph runs one exact probe backward
+    (:func:`~actcompile.passes.sensitivity.probe_gradients`) and one step per plan as the runtime
+    runs it (:func:`~actcompile.passes.sensitivity.run_gradients`: its codecs and its recomputed
+    runs, the same random tangent): about three training steps of the example inputs.
+    Not with ``tolerance`` (its plans hold the least memory under it, whatever the error).
     ``measured``: :func:`_calibrated` per graph; ``knapsack``: ``choose_plans``' keywords.
     """
+    if config.tolerance is not None:
+        return plans, None
     checked = {c.name for c in config.codecs if _gradient_checked(c)}
-    if (config.tolerance is not None or len(checked) == len(config.codecs)
-            or not any(a.codec in checked for p in plans for a in p.assignments)):
+    compare = len(checked) < len(config.codecs) and any(a.codec in checked for p in plans for a in p.assignments)
+    risky = any(a.codec != RECOMPUTE and a.error >= RISKY_ERROR for p in plans for a in p.assignments)
+    if not (compare or risky):
         return plans, None
     if progress is not None:
-        progress.phase("measuring the gradient error of the plans with and without the transforms")
-    calibrations = [{key: [m for m in entries if m[0].name not in checked] for key, entries in calibration.items()}
-                    for _, calibration, _ in measured]
-    try:
-        alternative = choose_plans([p for p, _, _ in measured], config, calibrations,
-                                   shares=[s for _, _, s in measured], **knapsack)
-    except BudgetError:   # only the transforms reach the budget: nothing to compare
-        return plans, None
+        progress.phase("measuring what the plan does to the gradient")
+    alternative = None
+    if compare:
+        calibrations = [{key: [m for m in entries if m[0].name not in checked] for key, entries in calibration.items()}
+                        for _, calibration, _ in measured]
+        try:
+            alternative = choose_plans([p for p, _, _ in measured], config, calibrations,
+                                       shares=[s for _, _, s in measured], **knapsack)
+        except BudgetError:   # only the transforms reach the budget: nothing to compare, but measured
+            pass
     exact = [probe_gradients(g) for g in graphs]
 
     def error(candidate):
-        return gradient_error([(e, probe_gradients(g, {k: p.codec for k, p in compression_table(plan).items()}))
-                               for e, g, plan in zip(exact, graphs, candidate)])
+        return gradient_error([(e, run_gradients(g, emit_regions(g.gm, plan))) for e, g, plan in zip(exact, graphs, candidate)])
 
-    with_transforms, without = error(plans), error(alternative)
-    return (plans, with_transforms) if with_transforms <= without else (alternative, without)
+    chosen = error(plans)
+    if alternative is None:
+        return plans, chosen
+    without = error(alternative)
+    return (plans, chosen) if chosen <= without else (alternative, without)
 
 
 def explain(model: nn.Module, example_inputs, budget=None, codecs=None, **options) -> ModelPlan:
@@ -418,6 +436,12 @@ class ActCompiledModule(nn.Module):
                                                                       fixed_bytes=fixed, repeats=repeats)
                 if gradient_error_measured is not None:
                     checked = dict(measured_gradient_error=gradient_error_measured)
+                if gradient_error_measured is not None and gradient_error_measured > GRADIENT_ERROR_WARNING:
+                    warnings.warn(
+                        f"{type(self._original).__name__}: the plan for budget {config.budget} changes the parameter "
+                        f"gradient by {gradient_error_measured:.3g} (relative L2 error, one probe backward on the "
+                        "example inputs): only codecs this lossy fit the budget. Give a larger budget, or "
+                        "tolerance= to plan by gradient error instead", GradientErrorWarning, stacklevel=3)
             for g, p, (profile, _, _) in zip(new, plans, measured):
                 self._graphs[g.runner] = self._state(g.gm, p, profile.autograd_nodes)
             counts = [self._graphs[g.runner].autograd_nodes for g in graphs]

@@ -38,3 +38,8 @@ class InputMismatchError(ActCompileError, TypeError):
 class PlanDriftWarning(UserWarning):
     """What a plan assumed about the saved tensors no longer holds (a value range, a byte count):
     the tensor is kept exactly, but the plan's bytes are no longer what the heap holds."""
+
+
+class GradientErrorWarning(UserWarning):
+    """A plan's measured effect on the parameter gradient is large (relative error above
+    ``actcompile.api.GRADIENT_ERROR_WARNING``): only codecs this lossy fit the budget."""

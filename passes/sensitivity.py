@@ -128,6 +128,26 @@ def probe_gradients(graph: CapturedGraph, substitutes: dict | None = None, seed:
     return {id(p): g for p, g in zip(leaves, grads) if g is not None}
 
 
+def run_gradients(graph: CapturedGraph, module, seed: int = 0) -> dict[int, torch.Tensor]:
+    """``{id(parameter): gradient}`` of one backward of ``module`` (``graph``'s module as the
+    runtime runs it: a plan's codecs, its recomputed runs from their packed boundaries) on
+    ``graph``'s real inputs, with :func:`probe_gradients`' random tangent and RNG: compared with
+    ``probe_gradients(graph)``, what the plan does to a training step's gradient."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        inputs = [x.detach().requires_grad_(x.requires_grad)
+                  if isinstance(x, torch.Tensor) and x.grad_fn is not None else x for x in graph.flat_inputs]
+        out = module(*inputs)
+        outputs = [t for t in tree_leaves(out)
+                   if isinstance(t, torch.Tensor) and t.grad_fn is not None and t.is_floating_point()]
+        leaves = _parameters_below(outputs)
+        if not outputs or not leaves:
+            return {}
+        tangents = [torch.randn_like(t) for t in outputs]
+        grads = torch.autograd.grad(outputs, leaves, tangents, allow_unused=True)
+    return {id(p): g for p, g in zip(leaves, grads) if g is not None}
+
+
 def gradient_error(pairs) -> float:
     """‖g̃ − g‖ / ‖g‖ over every parameter of every ``(exact, probed)`` pair of
     :func:`probe_gradients` results (one pair per graph), in float64; 0 where nothing flows."""

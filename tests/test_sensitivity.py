@@ -215,9 +215,9 @@ def test_tolerance_under_compile_plans_each_graph_within_it():
     assert measured[1] < 0.003 * 3 and measured[0] > measured[1], measured
 
 
-def _claiming_codec(name: str, keeps_values: bool):
+def _claiming_codec(name: str, keeps_values: bool, values_per_byte: int = 1):
     """A codec outside the default set whose calibration (``estimate``) claims no error at a byte
-    per value; it keeps the values (``keeps_values``) or unpacks zeros."""
+    per ``values_per_byte`` values; it keeps the values (``keeps_values``) or unpacks zeros."""
     import dataclasses
     from typing import ClassVar
 
@@ -231,10 +231,10 @@ def _claiming_codec(name: str, keeps_values: bool):
             return spec.dtype.is_floating_point
 
         def packed_nbytes(self, spec):
-            return spec.numel
+            return spec.numel // values_per_byte
 
         def estimate(self, x):
-            return 0.0, x.numel()
+            return 0.0, x.numel() // values_per_byte
 
         def pack(self, x):
             return (x.clone() if keeps_values else torch.zeros_like(x),)
@@ -268,6 +268,50 @@ def test_a_plan_with_codecs_outside_the_default_set_is_kept_only_if_it_measures_
     assert plan.planned_bytes <= plan.budget_bytes
     default_only = actcompile.explain(model, x, budget=0.5, recompute=False, codecs=["int8"])
     assert default_only.measured_gradient_error is None   # nothing outside the default set: no probe
+
+
+def test_a_plan_only_such_a_codec_fits_is_measured_and_a_large_gradient_error_warned(monkeypatch):
+    """Where only codecs outside the default set reach the budget there is no plan to compare
+    with: the plan is still measured, and a gradient it changes beyond GRADIENT_ERROR_WARNING is
+    warned of (wide_resnet50_2 at 1/16, batch 2, took a DCT plan with gradient cosine 0.05 in silence)."""
+    import actcompile.codecs as registry
+    from actcompile import GradientErrorWarning
+
+    codec_class = _claiming_codec("test_zeros_small", keeps_values=False, values_per_byte=16)
+    monkeypatch.setitem(registry._REGISTRY, "test_zeros_small", codec_class)
+    monkeypatch.setattr(actcompile.api, "GRADIENT_ERROR_WARNING", 0.1)   # zeros for one saved tensor: ~0.3 here
+    torch.manual_seed(0)
+    model, x = ConvNet(), torch.randn(8, 3, 32, 32)
+    with pytest.raises(actcompile.BudgetError):
+        actcompile.explain(model, x, budget=0.2, recompute=False, codecs=["int8"])
+    with pytest.warns(GradientErrorWarning, match="changes the parameter gradient by"):
+        plan = actcompile.explain(model, x, budget=0.2, recompute=False, codecs=["int8", "test_zeros_small"])
+    assert "test_zeros_small" in {a.codec for a in plan.assignments}
+    assert plan.measured_gradient_error > actcompile.api.GRADIENT_ERROR_WARNING, plan.measured_gradient_error
+
+
+def test_a_plan_as_lossy_as_int2_is_measured_as_the_runtime_runs_it():
+    """A plan giving a tensor a codec as lossy as RISKY_ERROR is measured by one step as the
+    runtime runs it (run_gradients: its codecs and its recomputed runs); an int8 plan is not."""
+    from actcompile.measure import compare_gradients, forward_backward
+    from actcompile.passes.sensitivity import gradient_error, probe_gradients, run_gradients
+    from actcompile.passes.emit import emit_regions
+
+    torch.manual_seed(0)
+    model, x = ConvNet(), torch.randn(8, 3, 32, 32)
+    (graph,) = capture_graphs(model, x)
+    exact = probe_gradients(graph)
+    plain = run_gradients(graph, graph.gm)
+    assert gradient_error([(exact, plain)]) < 1e-6, "the runtime's step on the plain graph is the exact probe"
+    coarse = actcompile.explain(model, x, budget=0.12, recompute=False, codecs=["int2"])
+    assert max(a.error for a in coarse.assignments) >= actcompile.api.RISKY_ERROR
+    section = coarse.sections[0].plan
+    assert coarse.measured_gradient_error == pytest.approx(
+        gradient_error([(exact, run_gradients(graph, emit_regions(graph.gm, section)))]), rel=1e-6)
+    compiled = actcompile.actcompile(model, budget=0.12, recompute=False, codecs=["int2"], example_inputs=x)
+    _, relative = compare_gradients(forward_backward(model, x)[1], forward_backward(compiled, x)[1])
+    assert 0.3 < coarse.measured_gradient_error / relative < 3, (coarse.measured_gradient_error, relative)
+    assert actcompile.explain(model, x, budget=0.5, recompute=False, codecs=["int8"]).measured_gradient_error is None
 
 
 def test_probe_gradients_are_the_parameter_gradients_and_see_each_substituted_save():
