@@ -439,9 +439,9 @@ class ActCompiledModule(nn.Module):
                 if gradient_error_measured is not None and gradient_error_measured > GRADIENT_ERROR_WARNING:
                     warnings.warn(
                         f"{type(self._original).__name__}: the plan for budget {config.budget} changes the parameter "
-                        f"gradient by {gradient_error_measured:.3g} (relative L2 error, one probe backward on the "
-                        "example inputs): only codecs this lossy fit the budget. Give a larger budget, or "
-                        "tolerance= to plan by gradient error instead", GradientErrorWarning, stacklevel=3)
+                        f"gradient by {gradient_error_measured:.3g} (relative L2 error, one training step on the "
+                        "example inputs). A larger budget (or a smaller time_weight) keeps it closer; tolerance= "
+                        "plans by gradient error instead", GradientErrorWarning, stacklevel=3)
             for g, p, (profile, _, _) in zip(new, plans, measured):
                 self._graphs[g.runner] = self._state(g.gm, p, profile.autograd_nodes)
             counts = [self._graphs[g.runner].autograd_nodes for g in graphs]

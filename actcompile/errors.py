@@ -42,4 +42,5 @@ class PlanDriftWarning(UserWarning):
 
 class GradientErrorWarning(UserWarning):
     """A plan's measured effect on the parameter gradient is large (relative error above
-    ``actcompile.api.GRADIENT_ERROR_WARNING``): only codecs this lossy fit the budget."""
+    ``actcompile.api.GRADIENT_ERROR_WARNING``, one training step on the example inputs): only
+    codecs this lossy fit the budget, or the time weight prefers them."""
