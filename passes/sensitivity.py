@@ -113,19 +113,11 @@ def probe_gradients(graph: CapturedGraph, substitutes: dict | None = None, seed:
         x = t.detach()
         return codec.unpack(codec.pack(x.contiguous())).reshape(x.shape)
 
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)   # the same dropout masks and tangents on every probe
-        inputs = [x.detach().requires_grad_(x.requires_grad)
-                  if isinstance(x, torch.Tensor) and x.grad_fn is not None else x for x in graph.flat_inputs]
-        record = record_saves(graph.gm, inputs, on_save, fake=False, input_kinds=graph.input_kinds, keep=True)
-        outputs = [t for t in tree_leaves(record.output)
-                   if isinstance(t, torch.Tensor) and t.grad_fn is not None and t.is_floating_point()]
-        leaves = _parameters_below(outputs)
-        if not outputs or not leaves:
-            return {}
-        tangents = [torch.randn_like(t) for t in outputs]
-        grads = torch.autograd.grad(outputs, leaves, tangents, allow_unused=True)
-    return {id(p): g for p, g in zip(leaves, grads) if g is not None}
+    def forward(*inputs):
+        return record_saves(graph.gm, list(inputs), on_save, fake=False, input_kinds=graph.input_kinds,
+                            keep=True).output
+
+    return _seeded_step(graph, forward, seed)
 
 
 def run_gradients(graph: CapturedGraph, module, seed: int = 0) -> dict[int, torch.Tensor]:
@@ -133,12 +125,17 @@ def run_gradients(graph: CapturedGraph, module, seed: int = 0) -> dict[int, torc
     runtime runs it: a plan's codecs, its recomputed runs from their packed boundaries) on
     ``graph``'s real inputs, with :func:`probe_gradients`' random tangent and RNG: compared with
     ``probe_gradients(graph)``, what the plan does to a training step's gradient."""
+    return _seeded_step(graph, module, seed)
+
+
+def _seeded_step(graph: CapturedGraph, forward, seed: int) -> dict[int, torch.Tensor]:
+    """``forward`` on ``graph``'s real inputs and a backward of a random tangent on every float
+    output, both from ``seed`` (the same dropout masks and tangents on every call)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         inputs = [x.detach().requires_grad_(x.requires_grad)
                   if isinstance(x, torch.Tensor) and x.grad_fn is not None else x for x in graph.flat_inputs]
-        out = module(*inputs)
-        outputs = [t for t in tree_leaves(out)
+        outputs = [t for t in tree_leaves(forward(*inputs))
                    if isinstance(t, torch.Tensor) and t.grad_fn is not None and t.is_floating_point()]
         leaves = _parameters_below(outputs)
         if not outputs or not leaves:
