@@ -291,13 +291,11 @@ def capture_graphs(model: torch.nn.Module, example_inputs, *, forward=None,
         found = saved.get(_storage_key(t))
         return found if found is not None and not found[0].expired() else None
 
-    uncaptured: dict[int, tuple[StorageWeakRef, int]] = {}   # storage -> (ref, bytes) saved outside the graphs
-
     def record(runner: GraphRunner, flat_inputs: list):
         kinds = list(input_kinds(runner, flat_inputs, model, args, kwargs))
-        # made by an earlier graph, which saves it too. (One plain Python saved is left an activation
-        # here and counted twice: a graph called again, as in a loop, is planned from its first call,
-        # and on the others the same input is the graph's to pack.)
+        # Made by an earlier graph, which saves it too. (An input plain Python saved stays an
+        # activation here, counted twice: a graph called again, as in a loop, is planned from its
+        # first call, and on the other calls the same input may be the graph's own to pack.)
         for i, x in enumerate(flat_inputs):
             if kinds[i] is TensorKind.ACTIVATION and first_save(x) is not None:
                 kinds[i] = TensorKind.SHARED
@@ -323,6 +321,7 @@ def capture_graphs(model: torch.nn.Module, example_inputs, *, forward=None,
     held = {_storage_key(t) for t in (*model.parameters(), *model.buffers(), *tree_leaves((args, kwargs)))
             if isinstance(t, torch.Tensor)}
 
+    uncaptured: dict[int, tuple[StorageWeakRef, int]] = {}   # storage -> (ref, bytes) saved outside the graphs
     kept_outputs: set[tuple[int, int]] = set()   # (graph, leaf position) of graph outputs plain Python saved
 
     def count_uncaptured(t: torch.Tensor):
