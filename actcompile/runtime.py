@@ -46,10 +46,11 @@ CHECK_VALUES = 1 << 16   # values of a packed tensor a drift check compares (eve
 
 @dataclasses.dataclass(frozen=True)
 class Planned:
-    """What the plan says for one save: the codec and the tensor it expects to see."""
+    """What the plan says for one save: the codec and the tensor it expects to see (``shape``
+    ``None``: a view of the planned storage in a shape of its own, packed as the view it is)."""
 
     codec: object
-    shape: tuple[int, ...]
+    shape: tuple[int, ...] | None
     dtype: torch.dtype
 
 
@@ -158,7 +159,8 @@ class _Session:
         if holder is not None:   # its bits read as another dtype: only the exact bytes will do
             self.stats.guard_failures += 1
             planned = None
-        if planned is not None and (tuple(t.shape) != planned.shape or t.dtype != planned.dtype):
+        if planned is not None and ((planned.shape is not None and tuple(t.shape) != planned.shape)
+                                    or t.dtype != planned.dtype):
             self.stats.guard_failures += 1
             planned = None
         if planned is None:
@@ -192,7 +194,7 @@ class _Session:
         The save may have been a view of another shape (``F.linear`` saves a 3-D input as 2-D):
         a contiguous ``t`` with as many elements is packed as that view."""
         planned = self.table.get(tuple(key))
-        if (planned is not None and tuple(t.shape) != planned.shape and t.is_contiguous()
+        if (planned is not None and planned.shape is not None and tuple(t.shape) != planned.shape and t.is_contiguous()
                 and t.numel() == math.prod(planned.shape)):
             t = t.view(planned.shape)
         node, ordinal = self.node, self.ordinal

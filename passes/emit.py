@@ -73,6 +73,12 @@ def compression_table(plan: Plan, compile_codecs: bool = False) -> dict:
         table[(a.node, a.ordinal)] = planned
         for key in a.saved_by:   # another save of the storage: if it runs first, it packs it
             table.setdefault(tuple(key), planned)
+        # a save of it as a view of another shape (F.linear's 2-D input): it packs the storage
+        # where the planned save does not run in the forward (recomputed in backward), else the
+        # storage is packed already and the view reads it back
+        view = runtime.Planned(planned.codec, None, planned.dtype)
+        for key in a.viewed_by:
+            table.setdefault(tuple(key), view)
     return table
 
 

@@ -322,3 +322,42 @@ def test_a_run_reading_a_split_tuple_keeps_it_packed():
     assert cosine >= 0.99, f"ShuffleNet-like at 1/16: gradient cosine {cosine:.5f}"
     kept = min(kept_by_forward(compiled, x) for _ in range(2))
     assert kept <= plan.budget_bytes, f"heap kept {kept} B > budget {plan.budget_bytes} B"
+
+
+def test_a_view_save_packs_the_storage_when_its_planned_save_is_recomputed():
+    """CLIP's attention output is saved by SDPA (planned, int8) and, as a 2-D view, by the
+    out-projection. With SDPA inside a recomputed run only the view save runs in the forward;
+    it had no entry in the compression table, so the storage stayed whole, off the plan (1.06x
+    the budget at 1/8). The view save now packs it with the planned codec."""
+    from actcompile.passes.emit import emit_regions
+    from actcompile.plan import Assignment, Plan, Region
+
+    torch.manual_seed(0)
+    model = nn.Linear(32, 32).train()
+
+    class Scaled(nn.Module):   # y = 2x saves nothing; the linear saves y as a (128, 32) view
+        def __init__(self):
+            super().__init__()
+            self.lin = model
+
+        def forward(self, x):
+            return self.lin(x * 2.0)
+
+    scaled, x = Scaled(), torch.randn(4, 32, 32)
+    (graph,) = capture_graphs(scaled, x)
+    names = [n.name for n in graph.gm.graph.nodes if n.op == "call_function"]
+    mul, linear = names[0], names[-1]
+    assignment = Assignment(mul, 0, "int8", (), None, 4 * 32 * 32 * 4, 4 * 32 * 32 + 4 * 32 * 8, 0.005,
+                            shape=(4, 32, 32), viewed_by=((linear, 0),))
+    plan = Plan(budget_bytes=1 << 20, baseline_bytes=4 * 32 * 32 * 4, regions=(Region("r0", "int8", None, (assignment,)),),
+                skipped=())
+    module = emit_regions(graph.gm, plan)
+    (out,) = module(*graph.flat_inputs)
+    assert module.last_stats.packed_tensors == 1, module.last_stats
+    assert module.last_stats.raw_bytes_replaced == 4 * 32 * 32 * 4
+    out.pow(2).sum().backward()
+    got = model.weight.grad.clone()
+    model.zero_grad()
+    scaled(x).pow(2).sum().backward()
+    cosine = torch.nn.functional.cosine_similarity(got.flatten(), model.weight.grad.flatten(), dim=0)
+    assert cosine > 0.999, f"int8 through the view save: weight gradient cosine {cosine:.5f}"
