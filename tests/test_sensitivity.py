@@ -314,6 +314,20 @@ def test_a_plan_as_lossy_as_int2_is_measured_as_the_runtime_runs_it():
     assert actcompile.explain(model, x, budget=0.5, recompute=False, codecs=["int8"]).measured_gradient_error is None
 
 
+def test_a_tight_plan_is_measured_whatever_its_codecs(monkeypatch):
+    """A plan keeping at most TIGHT_FRACTION of the baseline with any lossy codec is measured
+    too (inception_v3 at 1/8, batch 2, int4/int8 boundaries under recomputed BatchNorms: cosine
+    0.84, no codec as lossy as int2); a looser one with the same codec is not."""
+    torch.manual_seed(0)
+    model, x = ConvNet(), torch.randn(8, 3, 32, 32)
+    loose = actcompile.explain(model, x, budget=0.5, recompute=False, codecs=["int8"])
+    assert loose.measured_gradient_error is None
+    monkeypatch.setattr(actcompile.api, "TIGHT_FRACTION", 0.5)   # int8's 1/4 of a tensor is "tight" now
+    tight = actcompile.explain(model, x, budget=0.5, recompute=False, codecs=["int8"])
+    assert tight.planned_bytes <= 0.5 * tight.baseline_bytes
+    assert tight.measured_gradient_error is not None and 0 < tight.measured_gradient_error < 0.05
+
+
 def test_probe_gradients_are_the_parameter_gradients_and_see_each_substituted_save():
     from actcompile.codecs import get_codec
     from actcompile.passes.sensitivity import gradient_error, probe_gradients
