@@ -59,7 +59,7 @@ from actcompile.errors import BudgetError, CodecError, GradientErrorWarning, Pla
 from actcompile.passes.calibrate import Calibrator, calibrate
 from actcompile.passes.capture import (CapturedGraph, GraphRunner, Inputs, capture_graphs, dynamo_forward,
                                        handling, input_kinds, normalize_inputs)
-from actcompile.passes.emit import CompressedGraphModule, compression_table, emit_regions
+from actcompile.passes.emit import CompressedGraphModule, emit_regions
 from actcompile.passes.memory import profile_memory
 from actcompile.passes.peak import choose_plans_for_peak, optimizer_state_bytes, resident_bytes
 from actcompile.passes.policy import choose_plans
