@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import time
 import warnings
 import weakref
@@ -117,6 +118,40 @@ def make_config(budget, codecs=None, optimizer=None, **options) -> CompileConfig
     if "epsilons" in options:
         options["epsilons"] = tuple(options["epsilons"])
     return CompileConfig(budget=parse_budget(budget), codecs=codecs or (), **options)
+
+
+def config_for_device(config: CompileConfig, model: nn.Module, args=(), kwargs=None) -> CompileConfig:
+    """``config`` with ``offload`` resolved for where ``model`` and its inputs live: on an
+    accelerator (``offload`` ``"auto"`` or ``True``) the :class:`~actcompile.codecs.offload.Offload`
+    codec joins ``codecs``, priced by the round trip measured there; on the CPU none is offered,
+    and asking for one (``offload=True``, or ``codecs=["offload"]``) is refused: host and device
+    are one memory there, so moving a tensor would free nothing.
+
+    >>> config = make_config(0.25)
+    >>> config_for_device(config, nn.Linear(2, 2), (torch.zeros(1, 2),)) is config
+    True
+    >>> config_for_device(make_config(0.25, offload=True), nn.Linear(2, 2), (torch.zeros(1, 2),))
+    Traceback (most recent call last):
+    ...
+    ValueError: offload=True moves saved tensors from an accelerator to host memory, but this model and its inputs are on the CPU, where that frees nothing; accepted there: offload='auto' (the default) or False
+    """
+    tensors = [t for t in tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)]
+    devices = [t.device for t in itertools.chain(model.parameters(), model.buffers(), tensors)]
+    accelerator = next((d for d in devices if d.type not in ("cpu", "meta")), None)
+    named = [c for c in config.codecs if getattr(c, "host_resident", False)]
+    if accelerator is None:
+        if config.offload is True or named:
+            asked = "offload=True" if config.offload is True else "codecs=[..., 'offload']"
+            raise ValueError(f"{asked} moves saved tensors from an accelerator to host memory, but this model and "
+                             "its inputs are on the CPU, where that frees nothing; accepted there: offload='auto' "
+                             "(the default) or False" + ("" if config.offload is True else
+                                                          ", and codecs without 'offload'"))
+        return config
+    if config.offload is False and not named:
+        return config
+    from actcompile.codecs.offload import Offload, transfer_copies
+    codecs = config.codecs if named else config.codecs + (Offload(),)
+    return dataclasses.replace(config, codecs=codecs, transfer_copies=transfer_copies(accelerator))
 
 
 def _candidate_choices(profile, config: CompileConfig) -> tuple[dict, dict]:
@@ -383,6 +418,7 @@ class ActCompiledModule(nn.Module):
     def _plan_forward(self, key, args, kwargs) -> ModelPlan:
         """Capture one forward, then plan every graph in it not planned yet, under one budget."""
         started = time.perf_counter()
+        self.__dict__["compile_config"] = config_for_device(self.compile_config, self._original, args, kwargs)
         known = self._plans.get(key)
         adopting = known is not None and key not in self._stale
         early: dict[GraphRunner, Calibrator] = {}

@@ -102,11 +102,13 @@ def default_codecs(everything: bool = False) -> tuple:
     recompute a DCT plan had cost ResNet-18 0.011 of gradient cosine while HOSVD gained
     MobileNetV2 as much). :func:`quantizer_codecs` is the set before them (``codecs="quantizers"``:
     the fastest planning). The lossless integer codecs (:mod:`actcompile.codecs.integer`) are
-    in no set: ``narrow_integers`` offers them."""
+    in no set: ``narrow_integers`` offers them; nor is ``offload``: the ``offload`` option does,
+    where the saves are on an accelerator."""
     from actcompile.codecs import available_codecs, get_codec
 
     codecs = [get_codec(name) for name in available_codecs() if name not in ("none", "random")]
     codecs = [c for c in codecs if not getattr(c, "lossless_integer", False)]   # always offered, see narrow_integers
+    codecs = [c for c in codecs if not getattr(c, "host_resident", False)]      # offered by the offload option
     return tuple(c for c in codecs if everything or getattr(c, "default_enabled", False))
 
 
@@ -122,6 +124,7 @@ def quantizer_codecs() -> tuple:
 
 ERROR_WEIGHTINGS = ("tensor", "bytes", "gradient")
 BUDGET_SCOPES = ("activations", "peak")
+OFFLOAD_CHOICES = ("auto", True, False)   # compared by identity: 1 is not True here
 # Absolute slack of a drift check: errors under the smallest ε of the default ladder are noise
 # (int8's error moves by a few 1e-3 between batches), not a plan gone wrong.
 DRIFT_SLACK = 0.01
@@ -177,6 +180,12 @@ class CompileConfig:
     optimizer=opt)`` fills it in), gradients, activations and the transient decoded or
     recomputed tensors, predicted from liveness over the graph (:mod:`actcompile.passes.peak`);
     a fraction is then of the uncompressed step's predicted peak.
+    ``offload``: a saved tensor may instead move to pinned host memory in forward and be
+    prefetched back in backward (:mod:`actcompile.codecs.offload`), lossless, priced as
+    ``transfer_copies`` copies of it at ``bytes_per_second`` (measured on the device when the
+    plan is made: PCIe against HBM, ~30-60). ``"auto"`` offers it where the saves are on an
+    accelerator; ``True`` also, and refuses a model on the CPU, where host and device are one
+    memory; ``False`` never.
     """
 
     budget: Budget
@@ -199,6 +208,8 @@ class CompileConfig:
     bytes_per_second: float = 1e10
     budget_scope: str = "activations"
     optimizer_state_bytes: int = 0
+    offload: bool | str = "auto"
+    transfer_copies: float = 60.0
     progress: bool = False   # show what planning does on stderr (actcompile/progress.py)
 
     def __post_init__(self):
@@ -235,6 +246,13 @@ class CompileConfig:
         if not (self.flops_per_second > 0 and self.bytes_per_second > 0):
             raise ValueError(f"CompileConfig.flops_per_second={self.flops_per_second!r}, bytes_per_second="
                              f"{self.bytes_per_second!r}: the time model's machine must have both > 0")
+        if not any(self.offload is c for c in OFFLOAD_CHOICES):
+            raise ValueError(f"CompileConfig.offload={self.offload!r}: accepted are "
+                             f"{', '.join(map(repr, OFFLOAD_CHOICES))} ('auto': where the saves are on an accelerator)")
+        if isinstance(self.transfer_copies, bool) or not isinstance(self.transfer_copies, (int, float)) \
+                or not 0 < self.transfer_copies < float("inf"):
+            raise ValueError(f"CompileConfig.transfer_copies={self.transfer_copies!r}: must be a finite number > 0 "
+                             "(a host round trip's time in copies of the tensor on the device)")
         if self.budget_scope not in BUDGET_SCOPES:
             raise ValueError(f"CompileConfig.budget_scope={self.budget_scope!r}: accepted are "
                              f"{', '.join(map(repr, BUDGET_SCOPES))}")

@@ -119,7 +119,8 @@ def measure(codec, x: torch.Tensor, sample: torch.Tensor | None = None) -> tuple
     scaled by the share of values (variable rate); else on all of ``x``. Codecs that are exact
     only on some values (``mask`` on a two-valued tensor, the integer codecs) never declare it:
     a sample cannot prove a whole tensor exact (a mask found inexact on it is not measured further)."""
-    if getattr(codec, "predicate_only", False):   # a mask exact by the use it was made for (exact_for)
+    if getattr(codec, "predicate_only", False) or getattr(codec, "exact", False):
+        # a mask exact by the use it was made for (exact_for), or a codec lossless by construction (offload)
         return 0.0, codec.packed_nbytes(TensorSpec.of(x))
     predicted = codec.estimate(x) if hasattr(codec, "estimate") else None   # low rank: from sampled Grams
     if predicted is not None:

@@ -290,9 +290,13 @@ def _codec_seconds(codec, t: SavedTensor, config: CompileConfig) -> float:
     """Predicted pack + unpack time of ``codec`` on ``t`` at ``config.bytes_per_second``: the
     codec's ``copies`` of ``t`` (benchmarks/results/codecs.md run 4, eager: DCT ~3, HOSVD ~5,
     SVD ~8, FFT low-pass ~15, threshold ~40, wavelet ~90, quantizers ~12), or 2 where a
-    fixed-rate codec runs as compiled kernels (int8 1.1–1.3 copies, mask 0.8–1.3)."""
+    fixed-rate codec runs as compiled kernels (int8 1.1–1.3 copies, mask 0.8–1.3). An offload
+    costs ``config.transfer_copies`` copies (the measured round trip, see
+    :func:`actcompile.codecs.offload.transfer_copies`)."""
     if codec is None:
         return 0.0
+    if getattr(codec, "host_resident", False):   # an offload: out to host memory and back
+        return config.transfer_copies * 2 * t.nbytes / config.bytes_per_second
     if codec.fixed_rate and config.compile_codecs and getattr(codec, "traceable", True):
         copies = 2.0
     else:

@@ -209,7 +209,8 @@ def codec_choices(t: SavedTensor, config: CompileConfig) -> list:
     """
     spec = spec_of(t)
     if not spec.dtype.is_floating_point:
-        return integer_codecs(t, config)
+        host = [c for c in config.codecs if getattr(c, "host_resident", False)]   # offload moves any dtype
+        return integer_codecs(t, config) + host
     choices = []
     branching = reads_sign(t)
     for codec in config.codecs:

@@ -8,7 +8,7 @@ True
 >>> get_codec("zstd")
 Traceback (most recent call last):
 ...
-actcompile.errors.CodecError: unknown codec 'zstd'; available: bits, dct, fft_lowpass, fp8, hosvd, int2, int4, int8, mask, narrow, none, pool_offsets, random, svd, threshold, wavelet
+actcompile.errors.CodecError: unknown codec 'zstd'; available: bits, dct, fft_lowpass, fp8, hosvd, int2, int4, int8, mask, narrow, none, offload, pool_offsets, random, svd, threshold, wavelet
 
 Third-party codecs register through the entry-point group ``actcompile.codecs``: each entry
 point names a codec class, loaded the first time the registry is consulted.
@@ -70,4 +70,4 @@ def get_codec(name_or_instance, **options):
 
 
 # Built-in codecs register themselves on import.
-from actcompile.codecs import integer, lossless, lowrank, quantize, sparse, transform, wavelet  # noqa: E402,F401
+from actcompile.codecs import integer, lossless, lowrank, offload, quantize, sparse, transform, wavelet  # noqa: E402,F401
