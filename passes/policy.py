@@ -144,7 +144,8 @@ class _GraphProblem:
 
     @classmethod
     def build(cls, profile: MemoryProfile, config: CompileConfig, calibration: dict,
-              repeats: int = 1, shares: dict | None = None, cost_per_second: float = 0.0) -> "_GraphProblem":
+              repeats: int = 1, shares: dict | None = None, cost_per_second: float = 0.0,
+              lossless_boundaries: bool = False) -> "_GraphProblem":
         """``repeats``: how often the forward runs this graph (one block's code, called per block);
         its plan applies to every call, so its bytes count that many times.
 
@@ -193,7 +194,8 @@ class _GraphProblem:
             value_options = [[(j, Option(repeats * nbytes, repeats * ((weights[position[i]] + spread) * error**2
                                                                    + cost_per_second * _codec_seconds(codec, tensors[i], config))))
                               for j, (codec, error, nbytes) in enumerate(per_tensor[position[i]])
-                              if codec is None or not exact_for_use(codec, tensors[i].uses)]
+                              if codec is None or (not exact_for_use(codec, tensors[i].uses)
+                                                   and not (lossless_boundaries and error > 0))]
                              for i in boundary]   # a mask exact only for its ReLU use loses the values
             sums, sum_picks = merge_items([[o for _, o in opts] for opts in value_options])
             sum_picks = [tuple(opts[p][0] for opts, p in zip(value_options, picks)) for picks in sum_picks]
@@ -330,7 +332,7 @@ def smallest_plan_bytes(profile: MemoryProfile, config: CompileConfig, calibrati
 
 def choose_plans(profiles: list[MemoryProfile], config: CompileConfig, calibrations: list[dict], *,
                  fixed_bytes: int = 0, repeats: list[int] | None = None,
-                 shares: list[dict] | None = None) -> list[Plan]:
+                 shares: list[dict] | None = None, lossless_boundaries: bool = False) -> list[Plan]:
     """One plan per graph of a forward, chosen jointly: all graphs share ``config.budget``.
 
     A forward split by graph breaks runs several graphs; one knapsack over all their saved
@@ -341,6 +343,9 @@ def choose_plans(profiles: list[MemoryProfile], config: CompileConfig, calibrati
     ``repeats[i]`` is how often the forward runs graph ``i`` (default once each).
     ``shares[i]`` are graph ``i``'s gradient shares (:func:`~actcompile.passes.sensitivity.gradient_shares`):
     with ``error_weighting="gradient"`` they weigh each tensor's error, and each assignment records its share.
+    ``lossless_boundaries``: a recomputed run reads what it reads from outside whole or losslessly
+    packed, never through a lossy codec (the plan :func:`actcompile.api._measured_choice` tries
+    where one recomputed from lossy boundaries measured a large gradient error).
     """
     repeats = list(repeats) if repeats is not None else [1] * len(profiles)
     baselines = [p.baseline_bytes for p in profiles]
@@ -351,7 +356,7 @@ def choose_plans(profiles: list[MemoryProfile], config: CompileConfig, calibrati
                           smallest_bytes=None)
     shares = list(shares) if shares is not None else [None] * len(profiles)
     price = _time_price(profiles, config, shares, repeats)
-    problems = [_GraphProblem.build(p, config, c, r, s, price)
+    problems = [_GraphProblem.build(p, config, c, r, s, price, lossless_boundaries)
                 for p, c, r, s in zip(profiles, calibrations, repeats, shares)]
     # Already met (or nothing saved): every item keeps its bytes. Uncompressed, the heap holds the
     # storages plus autograd's own records; a byte budget must leave room for those too (only a

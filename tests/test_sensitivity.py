@@ -370,3 +370,41 @@ def test_the_probe_and_the_runtimes_step_agree_on_a_model_with_dropout():
         plan = actcompile.explain(model, x, budget=0.125)
     assert plan.measured_gradient_error is not None and plan.measured_gradient_error < 0.3
 
+
+def test_a_plan_recomputing_from_lossy_boundaries_is_measured_and_never_silently_wrong():
+    """HF ViTMAE at 1/4: the joint plan recomputed runs from int8 boundaries (every planned
+    ε ≤ 0.01), neither tight nor int2, so it went unmeasured; through LayerNorm rows of near-zero
+    variance (eps 1e-12) the error grew 10⁶-fold: gradient cosine 0.049, 3.7·10⁶× the norm, no
+    warning. Such a plan is measured now, and where it measures over RETRY_ERROR the plan whose
+    recomputed runs read nothing lossy is measured too; the better is kept, and warned if bad."""
+    import copy
+    import warnings
+
+    from actcompile import GradientErrorWarning
+    from actcompile.measure import compare_gradients
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ViTMAEConfig(image_size=64, patch_size=8, hidden_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, intermediate_size=256, decoder_hidden_size=64,
+                                       decoder_num_hidden_layers=1, decoder_num_attention_heads=4,
+                                       decoder_intermediate_size=128)
+    model = transformers.ViTMAEForPreTraining(config).train()
+    x = dict(pixel_values=torch.randn(4, 3, 64, 64))
+
+    def gradients(call, owner):
+        torch.manual_seed(0)
+        call(**x).loss.backward()
+        return {n: p.grad for n, p in owner.named_parameters() if p.grad is not None}
+
+    plain = copy.deepcopy(model)
+    reference = gradients(plain, plain)
+    trained = copy.deepcopy(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = actcompile.actcompile(trained, budget=0.25, example_inputs=x)
+    assert compiled.plan.measured_gradient_error is not None
+    cosine, relative = compare_gradients(reference, gradients(compiled, trained))
+    warned = any(issubclass(w.category, GradientErrorWarning) for w in caught)
+    assert relative < 10, f"gradient off by {relative:.3g}: the 10⁶-fold plan was kept"
+    assert warned or cosine >= 0.95, f"cosine {cosine:.4f} with no GradientErrorWarning"
