@@ -14,7 +14,7 @@ offload would free nothing) and prices it by the measured transfer rate
 copies run on streams the graph does not see.
 
 On a CPU tensor (the tests; what ``pack`` does where no accelerator is) the copy is a plain
-clone, and the prefetch order is kept just the same:
+clone and nothing is prefetched:
 
 >>> import torch
 >>> from actcompile.codecs.base import TensorSpec, packed_bytes
