@@ -46,6 +46,7 @@ class TensorKind(str, enum.Enum):
     HELD = "held"    # held by the program beyond the forward: a module attribute, a global, a constant
     SHARED = "shared"   # an activation an earlier graph of the forward saves too: counted there
     OUTPUT = "output"   # returned by the forward: the caller holds it, so packing it would free nothing
+    VMAPPED = "vmapped"   # saved inside a torch.vmap the graph traced: counted, never packed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +62,11 @@ class SaveEvent:
 
     def __post_init__(self):
         _require(self.ordinal >= 0, "SaveEvent", "ordinal", self.ordinal, "must be >= 0")
+
+
+# the kinds of saved storage that are activation bytes (the rest: parameters, inputs, what the
+# program holds anyway, what an earlier graph counted)
+COUNTED_KINDS = (TensorKind.ACTIVATION, TensorKind.OUTPUT, TensorKind.VMAPPED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,8 +165,7 @@ class MemoryProfile:
 
     @property
     def baseline_bytes(self) -> int:
-        return (sum(t.nbytes for t in self.tensors if t.kind in (TensorKind.ACTIVATION, TensorKind.OUTPUT))
-                + self.output_bytes)
+        return sum(t.nbytes for t in self.tensors if t.kind in COUNTED_KINDS) + self.output_bytes
 
     @property
     def returned_bytes(self) -> int:
@@ -173,7 +178,7 @@ class MemoryProfile:
         saved each storage; returned storages no backward reads (``output_bytes``) are nobody's."""
         out: dict[str, int] = {}
         for t in self.tensors:
-            if t.kind in (TensorKind.ACTIVATION, TensorKind.OUTPUT):
+            if t.kind in COUNTED_KINDS:
                 out[t.node] = out.get(t.node, 0) + t.nbytes
         return out
 
@@ -190,6 +195,8 @@ class SkipReason(str, enum.Enum):
     NO_CODEC = "no enabled codec supports it"
     RECOMPUTED = "freed: its node is recomputed in backward"
     NOT_NEEDED = "budget met without it"
+    VMAPPED = ("saved inside a torch.vmap: autograd's hooks get it as a batched tensor, which has no storage "
+               "a codec can pack")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,7 +39,7 @@ from torch.utils._pytree import tree_leaves
 
 from actcompile.plan import LATER_USE, MemoryProfile, NodeRecord, SavedTensor, SaveEvent, TensorKind, Use
 from actcompile.runtime import packable_view, preserved_state
-from actcompile.passes.rules import recompute_kind
+from actcompile.passes.rules import recompute_kind, vmapped_nodes
 from actcompile.passes.capture import CapturedGraph
 
 
@@ -144,7 +144,13 @@ def record_saves(gm: torch.fx.GraphModule, flat_inputs: list, on_save, *, fake: 
         def kind_of(t):
             return owned.get(StorageWeakRef(t.untyped_storage()).cdata, TensorKind.ACTIVATION)
 
-        recorder.on_save = lambda node, ordinal, t: on_save(node, ordinal, t, kind_of(t))
+        vmapped = vmapped_nodes(gm.graph)
+
+        def save_kind(node, t):
+            kind = kind_of(t)
+            return TensorKind.VMAPPED if kind is TensorKind.ACTIVATION and node in vmapped else kind
+
+        recorder.on_save = lambda node, ordinal, t: on_save(node, ordinal, t, save_kind(node, t))
         stack.enter_context(torch.enable_grad())
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(recorder.pack, _token_unpack))
         out = torch.func.functional_call(_Runner(recorder), {f"gm.{k}": v for k, v in state.items()},
@@ -254,6 +260,19 @@ class _Runner(torch.nn.Module):
         return self.recorder.run(*flat_inputs)
 
 
+def unwrapped(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor under functorch's wrappers (a node inside a traced ``torch.vmap``
+    returns a batched tensor, which has no storage of its own).
+
+    >>> x = torch.zeros(3, 4)
+    >>> unwrapped(x) is x
+    True
+    """
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
 class _NodeLog:
     """Per node, in graph order: what it reads, the storages it returns, its FLOPs (see
     :class:`~actcompile.plan.NodeRecord`). Storages are named by number as they first appear;
@@ -277,7 +296,7 @@ class _NodeLog:
         total = self.flops.get_total_flops()
         storages = {}
         for t in returned:
-            storage = t.untyped_storage()
+            storage = unwrapped(t).untyped_storage()
             storages.setdefault(self.number(storage), storage.nbytes())
         kind = self.placeholder_kinds.get(node.name)
         self.rows.append((node.name, recompute_kind(node), tuple(n.name for n in node.all_input_nodes),

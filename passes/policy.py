@@ -45,7 +45,7 @@ from actcompile.codecs.base import codec_options
 from actcompile.config import CompileConfig
 from actcompile.errors import BudgetError
 from actcompile.plan import (RECOMPUTE, Assignment, MemoryProfile, Plan, Region, SavedTensor, Skip, SkipReason,
-                             format_bytes)
+                             TensorKind, format_bytes)
 from actcompile.passes.rules import exact_for_use, others_of, reads_sign, saves_by_storage, split_candidates
 from actcompile.passes.segments import Segment, find_segments
 from actcompile.passes.solvers import Option, choose_options, choose_options_within, merge_items, smallest_total
@@ -386,6 +386,11 @@ def choose_plans(profiles: list[MemoryProfile], config: CompileConfig, calibrati
                     f"returns (its outputs and the saves they alias, e.g. a key/value cache or logits): the "
                     f"caller holds those, so they count and are never packed; a forward that returns less "
                     f"keeps less" if returned and returned >= smallest - budget_bytes else "")
+            vmapped = sum(r * t.nbytes for p, r in zip(profiles, repeats) for t in p.tensors
+                          if t.kind is TensorKind.VMAPPED)
+            if vmapped and vmapped >= smallest - budget_bytes:
+                held += (f"; {format_bytes(vmapped)} is saved inside torch.vmap, which autograd's hooks see as "
+                         "batched tensors no codec can pack (a loop or a batched op instead of vmap can be planned)")
             raise BudgetError(
                 f"no plan fits the budget of {format_bytes(budget_bytes)} ({budget_bytes} B): the smallest "
                 f"achievable with codecs {[c.name for c in config.codecs]} is {format_bytes(smallest)} "

@@ -26,6 +26,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import weakref
+
 import torch
 
 from actcompile.codecs.base import TensorSpec
@@ -40,6 +42,7 @@ _KIND_REASON = {
     TensorKind.HELD: SkipReason.HELD,
     TensorKind.SHARED: SkipReason.SHARED,
     TensorKind.OUTPUT: SkipReason.OUTPUT,
+    TensorKind.VMAPPED: SkipReason.VMAPPED,
 }
 
 
@@ -105,6 +108,36 @@ def _argument(node: torch.fx.Node, name: str):
     return bound.kwargs.get(name) if bound is not None else None
 
 
+_VMAP_ENTER, _VMAP_EXIT = "_vmap_increment_nesting", "_vmap_decrement_nesting"
+_VMAPPED: "weakref.WeakKeyDictionary[torch.fx.Graph, tuple[int, frozenset[str]]]" = weakref.WeakKeyDictionary()
+
+
+def vmapped_nodes(graph: torch.fx.Graph) -> frozenset[str]:
+    """Names of the nodes inside a ``torch.vmap`` Dynamo traced into ``graph`` (between its
+    ``_vmap_increment_nesting`` and ``_vmap_decrement_nesting`` calls, those included): they
+    make batched tensors, which autograd's hooks get as such (no storage to pack) and which a
+    recomputation outside the vmap could not re-make.
+
+    >>> g = torch.fx.Graph(); x = g.placeholder("x")
+    >>> sorted(vmapped_nodes(g)), [n.name for n in g.nodes]
+    ([], ['x'])
+    """
+    known = _VMAPPED.get(graph)
+    if known is not None and known[0] == len(graph.nodes):   # recompute_kind asks once per node
+        return known[1]
+    inside, depth = set(), 0
+    for node in graph.nodes:
+        name = getattr(node.target, "__name__", "")
+        if name == _VMAP_ENTER:
+            depth += 1
+        if depth > 0:
+            inside.add(node.name)
+        if name == _VMAP_EXIT:
+            depth = max(depth - 1, 0)
+    _VMAPPED[graph] = (len(graph.nodes), frozenset(inside))
+    return _VMAPPED[graph][1]
+
+
 def recompute_kind(node: torch.fx.Node) -> str:
     """May ``node`` run again in backward with the same result and no side effect?
 
@@ -122,7 +155,7 @@ def recompute_kind(node: torch.fx.Node) -> str:
     >>> [recompute_kind(n) for n in (x, g.call_function(torch.relu, (x,)), g.call_function(operator.iadd, (x, x)))]
     ['no', 'yes', 'in-place']
     """
-    if node.op in ("placeholder", "output"):
+    if node.op in ("placeholder", "output") or node.name in vmapped_nodes(node.graph):
         return "no"
     if node.op == "get_attr":
         return "yes"

@@ -136,3 +136,42 @@ def test_many_models_of_one_class_each_get_their_own_graphs():
     for width in range(4, 16):
         graphs = capture_graphs(nn.Sequential(nn.Linear(width, 8), nn.ReLU()), torch.randn(2, width))
         assert len(graphs) == 1
+
+
+class _VmapInForward(nn.Module):
+    """A ``torch.vmap`` in the forward (HF Mamba's CPU scan does this): Dynamo traces it into the
+    graph, whose nodes inside it return batched tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(256, 512), nn.Linear(512, 10)
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(self.a(x))
+        h = torch.vmap(lambda row: row * torch.sigmoid(row).sum())(h)
+        return self.b(h)
+
+
+def test_a_forward_calling_vmap_plans_around_it_and_trains_as_without():
+    """Planning crashed ("Cannot access storage of BatchedTensorImpl", reported as an input
+    mismatch). Saves inside the vmap are counted and never packed (autograd's hooks get them
+    batched), nothing inside it is recomputed, and the budget error says what they hold."""
+    import copy
+
+    import actcompile
+    from actcompile.plan import SkipReason
+
+    torch.manual_seed(0)
+    model, x = _VmapInForward(), torch.randn(128, 256)
+    plan = actcompile.explain(model, x, budget=0.7)
+    vmapped = [s for s in plan.sections[0].plan.skipped if s.reason is SkipReason.VMAPPED]
+    assert vmapped and plan.planned_bytes <= plan.budget_bytes
+    assert {a.node for a in plan.assignments}.isdisjoint({s.node for s in vmapped})
+    plain = copy.deepcopy(model)
+    plain(x).square().sum().backward()
+    compiled = actcompile.actcompile(model, budget=0.7, example_inputs=x)
+    compiled(x).square().sum().backward()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert torch.nn.functional.cosine_similarity(p.grad.flatten(), q.grad.flatten(), dim=0) > 0.9999
+    with pytest.raises(actcompile.BudgetError, match="inside torch.vmap"):
+        actcompile.explain(model, x, budget=0.25)
