@@ -47,6 +47,9 @@ class TensorKind(str, enum.Enum):
     SHARED = "shared"   # an activation an earlier graph of the forward saves too: counted there
     OUTPUT = "output"   # returned by the forward: the caller holds it, so packing it would free nothing
     VMAPPED = "vmapped"   # saved inside a torch.vmap the graph traced: counted, never packed
+    # saved by a custom autograd.Function Dynamo captured, which keeps it in its backward's
+    # closure where no saved-tensor hook reaches: counted until backward, never packed
+    CLOSURE = "closure"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +69,7 @@ class SaveEvent:
 
 # the kinds of saved storage that are activation bytes (the rest: parameters, inputs, what the
 # program holds anyway, what an earlier graph counted)
-COUNTED_KINDS = (TensorKind.ACTIVATION, TensorKind.OUTPUT, TensorKind.VMAPPED)
+COUNTED_KINDS = (TensorKind.ACTIVATION, TensorKind.OUTPUT, TensorKind.VMAPPED, TensorKind.CLOSURE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,10 +165,19 @@ class MemoryProfile:
     autograd_nodes: int = 0   # nodes of the autograd graph the forward leaves behind
     nodes: tuple[NodeRecord, ...] = ()   # every node, in graph order (what recomputing runs of them does)
     output_bytes: int = 0     # storages the forward returns that no backward reads (fixed bytes)
+    # storages only a captured custom autograd.Function keeps (TensorKind.CLOSURE, seen by no hook)
+    closure_bytes: int = 0
 
     @property
     def baseline_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors if t.kind in COUNTED_KINDS) + self.output_bytes
+        return (sum(t.nbytes for t in self.tensors if t.kind in COUNTED_KINDS) + self.output_bytes
+                + self.closure_bytes)
+
+    @property
+    def closure_held_bytes(self) -> int:
+        """What captured custom ``autograd.Function`` s keep for backward out of every hook's reach
+        (:attr:`TensorKind.CLOSURE`): fixed bytes until their backward runs."""
+        return self.closure_bytes + sum(t.nbytes for t in self.tensors if t.kind is TensorKind.CLOSURE)
 
     @property
     def returned_bytes(self) -> int:
@@ -197,6 +209,8 @@ class SkipReason(str, enum.Enum):
     NOT_NEEDED = "budget met without it"
     VMAPPED = ("saved inside a torch.vmap: autograd's hooks get it as a batched tensor, which has no storage "
                "a codec can pack")
+    CLOSURE = ("saved by a custom autograd.Function that torch.compile captured: it keeps the tensor in its "
+               "backward's closure, where no saved-tensor hook reaches, so packing the other saves of it frees nothing")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,8 @@ from actcompile.plan import ModelPlan, Plan, SkipReason
 # Skipped saves whose bytes are activation bytes the plan keeps (the others are parameters,
 # buffers, inputs, bytes counted in another graph, or freed by a recomputed node, whose
 # ``recompute`` assignment counts them).
-_KEPT = {SkipReason.OUTPUT, SkipReason.NOT_FLOAT, SkipReason.TOO_SMALL, SkipReason.NO_CODEC, SkipReason.NOT_NEEDED}
+_KEPT = {SkipReason.OUTPUT, SkipReason.NOT_FLOAT, SkipReason.TOO_SMALL, SkipReason.NO_CODEC, SkipReason.NOT_NEEDED,
+         SkipReason.VMAPPED, SkipReason.CLOSURE}
 
 
 class Row(NamedTuple):

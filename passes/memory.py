@@ -88,9 +88,10 @@ class SaveRecord(NamedTuple):
     holders: dict[int, Use]   # save index -> the autograd node reading it, for saves still held
     autograd_nodes: int       # nodes of the autograd graph the forward leaves behind
     output: object            # what the graph returned (it cannot be differentiated: nothing was kept)
-    # storage key -> (weak ref, bytes) of the activation storages among the ``returned`` outputs,
-    # and of those a custom autograd.Function's node keeps without the saved-tensor hooks
+    # storage key -> (weak ref, bytes) of the activation storages among the ``returned`` outputs
     returned: dict = {}
+    # the same, of what a captured custom autograd.Function's node keeps without the saved-tensor hooks
+    closure: dict = {}
 
 
 def record_saves(gm: torch.fx.GraphModule, flat_inputs: list, on_save, *, fake: bool,
@@ -111,8 +112,8 @@ def record_saves(gm: torch.fx.GraphModule, flat_inputs: list, on_save, *, fake: 
     graph, and the graph's output. With ``keep`` (real tensors only) the saves stay alive, so
     the output can be differentiated; reading a ``_saved_*`` attribute still records its token.
     ``returned``: positions (in ``tree_leaves`` of the output) of what the forward hands to its
-    caller; their activation storages are in ``SaveRecord.returned``, with what a custom
-    ``autograd.Function`` saved out of the hooks' sight (held as they are, like an output).
+    caller; their activation storages are in ``SaveRecord.returned``, and what a custom
+    ``autograd.Function`` saved out of the hooks' sight (held as it is) in ``SaveRecord.closure``.
     """
     recorder = _SaveRecorder(gm, None, on_node, after_node)
     recorder.keep = keep and not fake
@@ -155,16 +156,21 @@ def record_saves(gm: torch.fx.GraphModule, flat_inputs: list, on_save, *, fake: 
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(recorder.pack, _token_unpack))
         out = torch.func.functional_call(_Runner(recorder), {f"gm.{k}": v for k, v in state.items()},
                                          tuple(flat_inputs), strict=False, tie_weights=True)
-        held = {}
         # an earlier graph's autograd nodes (reached through real inputs) are not this graph's
         earlier = {x.grad_fn for x in flat_inputs if isinstance(x, torch.Tensor) and x.grad_fn is not None}
         holders, nodes, unhooked = _saving_nodes(out, earlier)
-        kept = [t for i, t in enumerate(tree_leaves(out)) if i in returned] + unhooked
-        for t in kept:
-            if isinstance(t, torch.Tensor) and kind_of(t) is TensorKind.ACTIVATION:
-                storage = t.untyped_storage()
-                held[StorageWeakRef(storage).cdata] = (StorageWeakRef(storage), storage.nbytes())
-        return SaveRecord(holders, nodes, out, held)
+
+        def activation_storages(tensors) -> dict:
+            found = {}
+            for t in tensors:
+                if isinstance(t, torch.Tensor) and kind_of(t) is TensorKind.ACTIVATION:
+                    storage = t.untyped_storage()
+                    found[StorageWeakRef(storage).cdata] = (StorageWeakRef(storage), storage.nbytes())
+            return found
+
+        handed_back = activation_storages(t for i, t in enumerate(tree_leaves(out)) if i in returned)
+        closure = {key: v for key, v in activation_storages(unhooked).items() if key not in handed_back}
+        return SaveRecord(holders, nodes, out, handed_back, closure)
 
 
 _unpacked = threading.local()
@@ -344,12 +350,14 @@ class _Collector:
         self.saves.append((node, ordinal, tuple(t.shape), str(t.dtype).removeprefix("torch."), index))
 
     def profile(self, holders: dict[int, Use], autograd_nodes: int, node_order, mode,
-                returned: dict | None = None) -> MemoryProfile:
+                returned: dict | None = None, closure: dict | None = None) -> MemoryProfile:
         """Keep the storages some autograd node still holds; name the nodes that read each.
 
         ``returned`` (:attr:`SaveRecord.returned`): what the forward hands its caller. A saved
         storage among them is an OUTPUT (packing it would free nothing); the others count as
-        ``output_bytes``."""
+        ``output_bytes``. ``closure`` (:attr:`SaveRecord.closure`): what captured custom
+        ``autograd.Function`` s keep where no hook sees it; a saved storage among them is a
+        CLOSURE save, the others count as ``closure_bytes``."""
         if self.saves and not holders:   # outputs autograd cannot walk: keep every save
             holders = {i: Use("?", ()) for i in range(len(self.saves))}
         events, uses = [], {}
@@ -360,12 +368,15 @@ class _Collector:
         later = {index for node, ordinal, _, _, index in self.saves if (node, ordinal) in self.saved_later}
         for index in later:   # read by a backward of another graph too: no codec exact only for ours
             uses.setdefault(index, []).append(Use(LATER_USE, ()))
-        returned = {key: nbytes for key, (ref, nbytes) in (returned or {}).items() if not ref.expired()}
+        returned, closure = ({key: nbytes for key, (ref, nbytes) in (held or {}).items() if not ref.expired()}
+                             for held in (returned, closure))
         saved_keys = {index: key for key, (ref, index) in self.storages.items() if not ref.expired()}
-        output_indices = {i for i, key in saved_keys.items() if key in returned}
         for f in self.first:
-            if f["index"] in output_indices and f["kind"] is TensorKind.ACTIVATION:
+            key = saved_keys.get(f["index"])
+            if f["kind"] is TensorKind.ACTIVATION and key in returned:
                 f["kind"] = TensorKind.OUTPUT
+            elif f["kind"] is TensorKind.ACTIVATION and key in closure:
+                f["kind"] = TensorKind.CLOSURE
         kept = {saved_keys[f["index"]] for f in self.first if f["index"] in uses and f["index"] in saved_keys}
         tensors = tuple(SavedTensor(**dict(f, uses=tuple(uses[f["index"]]), saved_later=f["index"] in later))
                         for f in self.first if f["index"] in uses)
@@ -373,7 +384,8 @@ class _Collector:
                              autograd_nodes=autograd_nodes,
                              nodes=self.log.records({k: i for k, i in self.saved_number.items() if i in uses})
                              if self.log is not None else (),
-                             output_bytes=sum(n for key, n in returned.items() if key not in kept))
+                             output_bytes=sum(n for key, n in returned.items() if key not in kept),
+                             closure_bytes=sum(n for key, n in closure.items() if key not in kept))
 
 
 def _has_unknown_workspace(profile: MemoryProfile) -> bool:
@@ -406,7 +418,7 @@ def profile_memory(graph: CapturedGraph, *, mode: str = "auto") -> MemoryProfile
                 continue
             raise
         profile = collector.profile(record.holders, record.autograd_nodes, (n.name for n in gm.graph.nodes), attempt,
-                                    record.returned)
+                                    record.returned, record.closure)
         if attempt == "fake" and mode == "auto" and _has_unknown_workspace(profile):
             continue
         return profile

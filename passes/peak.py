@@ -148,7 +148,9 @@ def predict_peak(profile: MemoryProfile, plan: Plan, *, extra_bytes: int = 0, co
     returned = {i for i, t in tensors.items() if t.kind is TensorKind.OUTPUT}
     held_after_forward = {s for s in first_saver if s in tensors and tensors[s].kind is not TensorKind.SHARED
                           and s not in outside and s not in parameter}
-    constant = extra_bytes + profile.output_bytes
+    # a captured Function's closure-held storages no hook saw: held until its backward, taken as
+    # held throughout (their reader's place in backward is unknown)
+    constant = extra_bytes + profile.output_bytes + profile.closure_bytes
 
     n = len(nodes)
     # output_bytes (in `constant`) already counts the returned storages no backward reads

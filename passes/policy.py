@@ -386,6 +386,11 @@ def choose_plans(profiles: list[MemoryProfile], config: CompileConfig, calibrati
                     f"returns (its outputs and the saves they alias, e.g. a key/value cache or logits): the "
                     f"caller holds those, so they count and are never packed; a forward that returns less "
                     f"keeps less" if returned and returned >= smallest - budget_bytes else "")
+            closure = sum(r * p.closure_held_bytes for p, r in zip(profiles, repeats))
+            if closure:
+                held += (f"; {format_bytes(closure)} is saved by custom autograd.Functions that torch.compile "
+                         "captured: they keep what they save in their backward's closure, out of every "
+                         "saved-tensor hook's reach, so no codec can pack it")
             vmapped = sum(r * t.nbytes for p, r in zip(profiles, repeats) for t in p.tensors
                           if t.kind is TensorKind.VMAPPED)
             if vmapped and vmapped >= smallest - budget_bytes:
@@ -395,7 +400,7 @@ def choose_plans(profiles: list[MemoryProfile], config: CompileConfig, calibrati
                 f"no plan fits the budget of {format_bytes(budget_bytes)} ({budget_bytes} B): the smallest "
                 f"achievable with codecs {[c.name for c in config.codecs]} is {format_bytes(smallest)} "
                 f"({smallest} B) of {format_bytes(baseline)} uncompressed; {format_bytes(fixed)} of it cannot "
-                f"be compressed (see Plan.skipped via explain()) and {format_bytes(reserve)} is kept free for "
+                f"be compressed (each with its reason in actcompile.explain(model, example_inputs, budget=1.0).skipped) and {format_bytes(reserve)} is kept free for "
                 f"autograd's own records and the packed tensors' holders (reserve_bytes_per_node, "
                 f"reserve_bytes_per_packed, reserve_bytes_per_segment){held}",
                 smallest_bytes=smallest,

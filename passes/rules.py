@@ -42,6 +42,7 @@ _KIND_REASON = {
     TensorKind.SHARED: SkipReason.SHARED,
     TensorKind.OUTPUT: SkipReason.OUTPUT,
     TensorKind.VMAPPED: SkipReason.VMAPPED,
+    TensorKind.CLOSURE: SkipReason.CLOSURE,
 }
 
 

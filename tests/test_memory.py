@@ -5,7 +5,8 @@ from torch import nn
 
 from actcompile.passes.capture import capture_graphs
 from actcompile.passes.memory import profile_memory
-from actcompile.plan import ModelPlan, TensorKind
+from actcompile.errors import BudgetError
+from actcompile.plan import ModelPlan, SkipReason, TensorKind
 
 
 def profile(model, x, **kw):
@@ -110,7 +111,6 @@ class Features(nn.Module):
 
 def test_a_saved_tensor_the_forward_returns_is_an_output_counted_once_and_never_a_candidate():
     from actcompile import explain
-    from actcompile.plan import SkipReason
 
     p = profile(Features(), torch.randn(32, 64))
     (features,) = [t for t in p.tensors if t.kind is TensorKind.OUTPUT]
@@ -460,6 +460,25 @@ def test_what_a_custom_function_saves_is_counted_and_never_assumed_freed():
     assert cosine > 0.99, f"trunk gradient cosine {cosine:.4f}"
 
 
+def test_a_budget_error_names_what_a_custom_function_holds_not_the_outputs():
+    """The Function's save of tanh's output (256 KiB) is held in its backward's closure: the plan
+    says so, and a budget below it is refused naming the Function, not the 10 KiB output (a
+    survey's model was told its Function's saves were "what the forward returns")."""
+    from actcompile import actcompile, explain
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 64)
+    plan = explain(_ReversedHead(), x, budget=1.0)
+    (held,) = [s for s in plan.skipped if s.reason is SkipReason.CLOSURE]
+    assert held.nbytes == 256 * 256 * 4
+    assert not any(s.reason is SkipReason.OUTPUT and s.nbytes >= held.nbytes for s in plan.skipped)
+    with pytest.raises(BudgetError) as caught:
+        actcompile(_ReversedHead(), budget=0.1, example_inputs=x)
+    message = str(caught.value)
+    assert "256.0 KiB is saved by custom autograd.Functions" in message, message
+    assert "is what the forward returns" not in message, message
+
+
 class _ReversedThenBreak(nn.Module):
     def __init__(self):
         super().__init__()
@@ -481,8 +500,9 @@ def test_a_later_graph_does_not_count_what_an_earlier_graphs_function_holds():
     assert real.output_bytes == fake.output_bytes and real.baseline_bytes == fake.baseline_bytes, (
         f"real {real.output_bytes}/{real.baseline_bytes} B, fake {fake.output_bytes}/{fake.baseline_bytes} B")
     first = profile_memory(graphs[0], mode="real")
-    held = [t for t in first.tensors if t.kind is TensorKind.OUTPUT]
-    assert sum(t.nbytes for t in held) >= 256 * 256 * 4, "graph 1 must hold what its Function saved"
+    held = first.closure_held_bytes
+    assert held >= 256 * 256 * 4, "graph 1 must hold what its Function saved"
+    assert first.returned_bytes < 256 * 256 * 4, "what the Function holds is not what the forward returns"
 
 
 class _ConvBlock(nn.Module):   # not a torch.nn container: Dynamo starts a frame in it
