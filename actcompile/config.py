@@ -147,8 +147,11 @@ class CompileConfig:
     (measured 500-900 B on torch 2.14, CPU, over 10 models) and ``reserve_bytes_per_packed`` per
     tensor the plan may pack (the holder and the payload's tensor objects: measured 730–920 B per
     packed tensor on MobileNetV2, ResNet-18 and a small CNN), ``reserve_bytes_per_segment`` per
-    run of nodes it recomputes (the RNG state ``torch.utils.checkpoint`` keeps, 5,056 B on CPU,
-    and its frame: measured 7.3–8.3 KB per call). ``compile_codecs`` runs codec
+    run of nodes it recomputes as one autograd node (:mod:`actcompile.recompute_node`: its node,
+    context and saved arguments, measured 1.6–1.7 KB per run on a chain of small runs; a run that
+    draws random numbers also keeps the CPU generator's 5,056 B state), and
+    ``reserve_bytes_per_checkpoint`` per run recomputed through ``torch.utils.checkpoint`` instead
+    (a run handing on a view of what it reads: the RNG state and its frame, measured 7.3–8.3 KB per call). ``compile_codecs`` runs codec
     pack/unpack as Inductor kernels compiled per shape (:mod:`actcompile.codecs.kernels`; the
     first step with a new shape compiles them), else as eager torch ops. ``narrow_integers``
     offers the lossless integer codecs (:mod:`actcompile.codecs.integer`: bool as bits, max-pool
@@ -194,7 +197,8 @@ class CompileConfig:
     min_tensor_bytes: int = 16 * 1024
     reserve_bytes_per_node: int = 1024
     reserve_bytes_per_packed: int = 1024
-    reserve_bytes_per_segment: int = 8192
+    reserve_bytes_per_segment: int = 2048
+    reserve_bytes_per_checkpoint: int = 8192
     error_weighting: str = "tensor"
     gradient_floor: float = 0.25
     recompute: bool = True
@@ -229,7 +233,8 @@ class CompileConfig:
                              f"{', '.join(map(repr, ERROR_WEIGHTINGS))}")
         if not 0.0 <= self.gradient_floor <= 1.0:
             raise ValueError(f"CompileConfig.gradient_floor={self.gradient_floor!r}: must be in [0, 1]")
-        for name in ("reserve_bytes_per_node", "reserve_bytes_per_packed", "reserve_bytes_per_segment"):
+        for name in ("reserve_bytes_per_node", "reserve_bytes_per_packed", "reserve_bytes_per_segment",
+                     "reserve_bytes_per_checkpoint"):
             if getattr(self, name) < 0:
                 raise ValueError(f"CompileConfig.{name}={getattr(self, name)}: must be >= 0")
         if isinstance(self.check_every, bool) or not isinstance(self.check_every, int) or self.check_every < 0:

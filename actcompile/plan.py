@@ -139,6 +139,7 @@ class NodeRecord:
     flops: int = 0              # torch.utils.flop_counter's count (0 for ops it has no formula for)
     kind: str = ""              # placeholders: the TensorKind value of the graph input
     grad: bool = False          # what it returns requires grad (backward makes a gradient for it)
+    random: bool = False        # it draws random numbers (an op tagged nondeterministic_seeded)
 
     def __post_init__(self):
         _require(self.recompute in RECOMPUTE_KINDS, "NodeRecord", "recompute", self.recompute,

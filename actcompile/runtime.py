@@ -38,8 +38,10 @@ import torch.fx
 import torch.utils.checkpoint
 from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._pytree import tree_leaves
 
 from actcompile.codecs.base import packed_bytes, relative_error, strided_sample
+from actcompile.recompute_node import recompute_as_one_node
 
 CHECK_VALUES = 1 << 16   # values of a packed tensor a drift check compares (evenly spaced slices)
 
@@ -339,10 +341,13 @@ class Recomputed:
     and the argument itself is not kept.
     """
 
-    def __init__(self, fn, held: tuple[int, ...] = (), packed: tuple = ()):
+    def __init__(self, fn, held: tuple[int, ...] = (), packed: tuple = (), one_node: bool = False,
+                 differentiable: tuple[bool, ...] | None = None):
         self.fn = fn
         self.held = tuple(held)
         self.packed = tuple(packed)
+        self.one_node = one_node
+        self.differentiable = differentiable
         self.__name__ = f"recompute_{getattr(fn, '__name__', type(fn).__name__)}"
 
     def __call__(self, *args, **kwargs):
@@ -359,6 +364,8 @@ class Recomputed:
 
     def _call(self, session, args, kwargs):
         packed = self.packed if session is not None else ()
+        if self.one_node and torch.is_grad_enabled():
+            return self._call_as_one_node(session, packed, args, kwargs)
         if not (self.held or packed) or not torch.is_grad_enabled():
             return recompute(self.fn, *args, **kwargs)
         kept = list(args)
@@ -389,6 +396,35 @@ class Recomputed:
 
         del args
         return recompute(run, *devices, **kwargs)
+
+    def _call_as_one_node(self, session, packed, args, kwargs):
+        """The run as one autograd node (:mod:`actcompile.recompute_node`): each tensor argument
+        is saved (through the hooks around the call), or kept packed, or copied before the call
+        (held state), as :meth:`_call` keeps it for checkpoint."""
+        kept = []
+        packed_at = dict(packed)
+        for i, value in enumerate(args):
+            if i in self.held and isinstance(value, torch.Tensor):
+                kept.append(_Copied(value.clone()))
+            elif i in packed_at:
+                kept.extend(v for v in tree_leaves(_pack_argument(session, value, tuple(packed_at[i])))
+                            if isinstance(v, _PackedArgument))
+            else:
+                kept.extend("save" for v in tree_leaves(value) if isinstance(v, torch.Tensor))
+        run = functools.partial(self.fn, **kwargs) if kwargs else self.fn
+        return recompute_as_one_node(run, args, kept, self.differentiable)
+
+
+class _Copied:
+    """A copy of state the forward mutates, taken before the call: what the recomputation reads."""
+
+    __slots__ = ("copy",)
+
+    def __init__(self, copy: torch.Tensor):
+        self.copy = copy
+
+    def decode(self) -> torch.Tensor:
+        return self.copy
 
 
 # The markers have effects the graph does not see: keep dead-code elimination off them.

@@ -32,6 +32,8 @@ import operator
 
 import torch
 import torch.fx
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._pytree import tree_leaves
 
 from actcompile import meta, runtime
 from actcompile.codecs import get_codec
@@ -83,7 +85,8 @@ def compression_table(plan: Plan, compile_codecs: bool = False) -> dict:
 
 
 def _wrap_in_recompute(gm: torch.fx.GraphModule, graph: torch.fx.Graph, names: tuple[str, ...],
-                       held: tuple[str, ...], packed: tuple = (), renamed: dict | None = None) -> None:
+                       held: tuple[str, ...], packed: tuple = (), renamed: dict | None = None,
+                       one_node: bool = False) -> None:
     """Replace the run of nodes ``names`` by one call that recomputes them in backward::
 
         y = f(x); z = g(y)    →    recompute_z = Recomputed(segment)(x); z = recompute_z[0]
@@ -94,6 +97,8 @@ def _wrap_in_recompute(gm: torch.fx.GraphModule, graph: torch.fx.Graph, names: t
     names the placeholders it reads that the forward mutates (buffers): copied for the recomputation.
     ``packed``: ``(node read, saving node, ordinal)`` of arguments kept packed as that save is.
     ``renamed`` maps a node an earlier wrap replaced to the node standing for it now (updated here).
+    ``one_node``: the plan runs it as one autograd node (:mod:`actcompile.recompute_node`), where
+    the graph's example values agree that it may; else through ``torch.utils.checkpoint``.
     """
     renamed = {} if renamed is None else renamed
     held = {renamed.get(name, name) for name in held}
@@ -115,8 +120,12 @@ def _wrap_in_recompute(gm: torch.fx.GraphModule, graph: torch.fx.Graph, names: t
     positions = tuple(k for k, a in enumerate(outside) if a.name in held)
     keys = {name: (node, ordinal) for name, node, ordinal in packed}
     packed_positions = tuple((k, keys[a.name]) for k, a in enumerate(outside) if a.name in keys)
+    differentiable = tuple(_requires_grad(n) for n in results)
+    recomputed = runtime.Recomputed(segment, positions, packed_positions,
+                                    one_node=one_node and _may_run_as_one_node(gm, nodes, outside, results),
+                                    differentiable=differentiable if None not in differentiable else None)
     with graph.inserting_after(nodes[-1]):
-        call = graph.call_function(runtime.Recomputed(segment, positions, packed_positions), tuple(outside))
+        call = graph.call_function(recomputed, tuple(outside))
         call.meta["val"] = tuple(n.meta.get("val", n.meta.get("example_value")) for n in results)
         with graph.inserting_after(call):
             for k, n in reversed(list(enumerate(results))):
@@ -126,6 +135,43 @@ def _wrap_in_recompute(gm: torch.fx.GraphModule, graph: torch.fx.Graph, names: t
                 n.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inside)
     for n in reversed(nodes):
         graph.erase_node(n)
+
+
+def _example(node: torch.fx.Node):
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def _requires_grad(node: torch.fx.Node) -> bool | None:
+    """Does the tensor ``node`` returns require grad (``None``: not a single tensor, or unknown)?"""
+    value = _example(node)
+    return value.requires_grad if isinstance(value, torch.Tensor) else None
+
+
+def _may_run_as_one_node(gm: torch.fx.GraphModule, nodes, outside, results) -> bool:
+    """May the run be one autograd node (:mod:`actcompile.recompute_node`)? Not where it reads a
+    tensor that requires grad from a module attribute (its gradient would flow only through
+    arguments), and not where a result may share storage with an argument (a custom Function's
+    output viewing its input refuses later in-place writes): both known only from Dynamo's
+    example values; without them, checkpoint's per-op nodes are kept."""
+    for n in nodes:
+        if n.op == "get_attr":
+            value = getattr(gm, str(n.target), None)
+            if not isinstance(value, torch.Tensor) or value.requires_grad:
+                return False
+    storages = set()
+    for a in outside:
+        for value in tree_leaves(_example(a)) if _example(a) is not None else (None,):
+            if value is None:
+                return False
+            if isinstance(value, torch.Tensor):
+                storages.add(StorageWeakRef(value.untyped_storage()).cdata)
+    for n in results:
+        values = tree_leaves(_example(n)) if _example(n) is not None else (None,)
+        for value in values:
+            if value is None or (isinstance(value, torch.Tensor)
+                                 and StorageWeakRef(value.untyped_storage()).cdata in storages):
+                return False
+    return True
 
 
 def _read_state_as_plain_checkpoint(graph: torch.fx.Graph) -> None:
@@ -157,7 +203,8 @@ def emit_regions(gm: torch.fx.GraphModule, plan: Plan, compile_codecs: bool = Fa
         if a.codec == RECOMPUTE:
             options = dict(a.options)
             _wrap_in_recompute(gm, graph, tuple(options.get("nodes", (a.node,))), tuple(options.get("held", ())),
-                               tuple(tuple(p) for p in options.get("packed", ())), renamed)
+                               tuple(tuple(p) for p in options.get("packed", ())), renamed,
+                               one_node=bool(options.get("one_node", False)))
     _read_state_as_plain_checkpoint(graph)
     nodes = {n.name: n for n in graph.nodes}   # a packed save made inside a recomputed run has no marker:
                                                # the run packs it for itself (runtime.Recomputed)

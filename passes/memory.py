@@ -35,6 +35,7 @@ import torch.fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from actcompile.plan import LATER_USE, MemoryProfile, NodeRecord, SavedTensor, SaveEvent, TensorKind, Use
@@ -287,8 +288,9 @@ class _NodeLog:
     def __init__(self, placeholder_kinds: dict[str, TensorKind]):
         self.placeholder_kinds = placeholder_kinds
         self.flops = FlopCounterMode(display=False)
+        self.draws = _RandomDraws()
         self.numbers: dict[int, tuple[StorageWeakRef, int]] = {}   # storage key -> (ref, number)
-        self.rows: list[tuple] = []   # (name, recompute kind, inputs, [(number, bytes)], flops, kind, grad)
+        self.rows: list[tuple] = []   # (name, recompute kind, inputs, [(number, bytes)], flops, kind, grad, random)
         self.counted = 0
 
     def number(self, storage) -> int:
@@ -307,8 +309,9 @@ class _NodeLog:
         kind = self.placeholder_kinds.get(node.name)
         self.rows.append((node.name, recompute_kind(node), tuple(n.name for n in node.all_input_nodes),
                           tuple(storages.items()), total - self.counted, kind.value if kind is not None else "",
-                          any(t.requires_grad for t in returned)))
+                          any(t.requires_grad for t in returned), self.draws.seen))
         self.counted = total
+        self.draws.seen = False
 
     def records(self, saved_number: dict[int, int]) -> tuple[NodeRecord, ...]:
         """The rows with each storage named by its saved index (``saved_number``: number -> index)
@@ -317,8 +320,22 @@ class _NodeLog:
             return saved_number.get(number, -number - 1)
 
         return tuple(NodeRecord(node, recompute, inputs, tuple((name(k), nbytes) for k, nbytes in storages), flops,
-                                kind, grad)
-                     for node, recompute, inputs, storages, flops, kind, grad in self.rows)
+                                kind, grad, random)
+                     for node, recompute, inputs, storages, flops, kind, grad, random in self.rows)
+
+
+class _RandomDraws(TorchDispatchMode):
+    """Notes whether an op drawing random numbers ran (``seen``): a recomputed run that draws
+    none needs no RNG state of its own (:mod:`actcompile.recompute_node`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            self.seen = True
+        return func(*args, **(kwargs or {}))
 
 
 class _Collector:
@@ -412,7 +429,7 @@ def profile_memory(graph: CapturedGraph, *, mode: str = "auto") -> MemoryProfile
         try:
             record = record_saves(gm, graph.flat_inputs, collector, fake=attempt == "fake",
                                   input_kinds=graph.input_kinds, after_node=log, returned=graph.returned,
-                                  modes=(log.flops,))
+                                  modes=(log.flops, log.draws))
         except Exception as err:
             if attempt == "fake" and mode == "auto" and needs_real_inputs(err):
                 continue

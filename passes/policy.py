@@ -58,6 +58,8 @@ Key = tuple[str, int]
 # 0.99261; ×100 0.99980, 0.99890, 0.99261; ×1000 0.99980, 0.99974, 0.99403; ×10⁴ 0.99980,
 # 0.99974, 0.98866; only lossless boundaries 0.99980, 0.99974, 0.97761.
 BRANCHING_SPREAD = 1000.0
+# the CPU generator's state, kept by a recomputed run that draws random numbers
+CPU_RNG_STATE_BYTES = torch.get_rng_state().numel()
 
 
 def _options(t: SavedTensor, measured: list[tuple[object, float, int]]) -> list[tuple[object, float, int]]:
@@ -124,6 +126,7 @@ class _Group:
     boundary_options: list[Option]          # their Pareto-best sums (error weighed with what it propagates to)
     boundary_picks: list[tuple[int, ...]]   # per such sum: each boundary member's option index
     seconds: float                # predicted time of one recomputation
+    records: int = 0              # bytes of autograd records recomputing it frees (run as one node)
 
 
 @dataclasses.dataclass
@@ -184,7 +187,9 @@ class _GraphProblem:
             crossing = sum(tensors[i].nbytes for i in members if i not in freed and i not in boundary)
             held_elsewhere = sum(tensors[i].nbytes for i in segment.boundary
                                  if i in position and i not in members)   # its own item may pack it too
-            held = crossing + segment.extra_bytes + held_elsewhere + config.reserve_bytes_per_segment
+            held = crossing + segment.extra_bytes + held_elsewhere + run_reserve(segment, config)
+            # run as one autograd node, its own nodes' records are freed with the forward
+            records = config.reserve_bytes_per_node * max(0, segment.autograd_nodes - 1)
             fixed_freed = sum(tensors[i].nbytes for i in freed if i not in position)
             # A boundary member's error reaches what is recomputed from it too: its weight grows by
             # the freed members' weights (shared among the boundary members; see BRANCHING_SPREAD).
@@ -199,22 +204,23 @@ class _GraphProblem:
                              for i in boundary]   # a mask exact only for its ReLU use loses the values
             sums, sum_picks = merge_items([[o for _, o in opts] for opts in value_options])
             sum_picks = [tuple(opts[p][0] for opts, p in zip(value_options, picks)) for picks in sum_picks]
-            if held + min(o.nbytes for o in sums) >= sum(tensors[i].nbytes for i in members) + fixed_freed:
+            if held + min(o.nbytes for o in sums) >= sum(tensors[i].nbytes for i in members) + fixed_freed + records:
                 continue   # recomputing it frees nothing
             merged, picks = merge_items([options[position[i]] for i in members])
             groups.append(_Group(segment, [position[i] for i in members], merged, picks, freed, fixed_freed, held,
                                  [position[i] for i in boundary], sums, sum_picks,
-                                 predicted_seconds(segment.flops, segment.moved_bytes, config)))
+                                 predicted_seconds(segment.flops, segment.moved_bytes, config), records))
             grouped.update(members)
         singles = [k for k, t in enumerate(candidates) if t.index not in grouped]
         items = [options[k] for k in singles]
-        for g in groups:   # keep (each member its option), or recompute
+        for g in groups:   # keep (each member its option, and its nodes' records), or recompute
             recompute_cost = cost_per_second * repeats * g.seconds
-            items.append([Option(o.nbytes + repeats * g.fixed_freed, o.cost) for o in g.merged]
+            items.append([Option(o.nbytes + repeats * (g.fixed_freed + g.records), o.cost) for o in g.merged]
                          + [Option(repeats * g.held_bytes + o.nbytes, o.cost + recompute_cost) for o in g.boundary_options])
         fixed = repeats * (profile.baseline_bytes - sum(t.nbytes for t in candidates)
                            - sum(g.fixed_freed for g in groups))
-        reserve = repeats * (config.reserve_bytes_per_node * profile.autograd_nodes
+        # the records a recomputed group frees are in its keep options instead
+        reserve = repeats * (config.reserve_bytes_per_node * profile.autograd_nodes - sum(g.records for g in groups)
                              + config.reserve_bytes_per_packed * len(candidates))
         return cls(profile, candidates, skips, per_tensor, groups, singles, fixed, reserve, items,
                    dict(shares or {}), repeats)
@@ -224,6 +230,11 @@ class _GraphProblem:
         if not self.shares:
             return None
         return self.shares.get((t.node, t.ordinal), max(self.shares.values()))
+
+    def records_freed(self, assignments: list[Assignment]) -> int:
+        """Bytes of autograd records the recomputed runs among ``assignments`` free (see _Group.records)."""
+        recomputed = {a.node for a in assignments if a.codec == RECOMPUTE}
+        return sum(g.records for g in self.groups if g.segment.nodes[0] in recomputed)
 
     def decode(self, chosen: list[int]) -> tuple[list[Assignment], list[Skip]]:
         """The assignments and skips of ``chosen`` (one option index per item of :attr:`items`)."""
@@ -261,7 +272,7 @@ class _GraphProblem:
             crossing = sum(self.candidates[k].nbytes for k in g.members if k not in freed_set and k not in boundary_set)
             assignments.append(Assignment(node=g.segment.nodes[0], ordinal=0, codec=RECOMPUTE,
                                           options=(("nodes", g.segment.nodes), ("held", g.segment.held),
-                                                   ("packed", packed)),
+                                                   ("packed", packed), ("one_node", g.segment.one_node)),
                                           epsilon=None, bytes_before=before, bytes_after=g.held_bytes - crossing,
                                           error=0.0))   # the crossing storages stay in the baseline
         events = saves_by_storage(self.profile)   # storage -> its saves
@@ -286,6 +297,14 @@ class _GraphProblem:
                                           exact_by_use=exact_for_use(codec, t.uses), saved_by=saved_by,
                                           viewed_by=viewed_by))
         return assignments, skips
+
+
+def run_reserve(segment: Segment, config: CompileConfig) -> int:
+    """What the runtime holds for recomputing ``segment`` besides what it reads: one autograd
+    node's (and the CPU generator's state where it draws random numbers), or checkpoint's frame."""
+    if not segment.one_node:
+        return config.reserve_bytes_per_checkpoint
+    return config.reserve_bytes_per_segment + (CPU_RNG_STATE_BYTES if segment.random else 0)
 
 
 def _codec_seconds(codec, t: SavedTensor, config: CompileConfig) -> float:
@@ -417,7 +436,8 @@ def choose_plans(profiles: list[MemoryProfile], config: CompileConfig, calibrati
     return [Plan(budget_bytes=share, baseline_bytes=problem.profile.baseline_bytes,
                  regions=_regions(assignments, problem.profile.node_order), skipped=tuple(skips),
                  node_order=_saving_nodes(assignments, skips, problem.profile.node_order),
-                 records_bytes=config.reserve_bytes_per_node * problem.profile.autograd_nodes)
+                 records_bytes=config.reserve_bytes_per_node * problem.profile.autograd_nodes
+                 - problem.records_freed(assignments))
             for share, problem, (assignments, skips) in zip(shares, problems, decoded)]
 
 

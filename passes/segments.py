@@ -50,6 +50,13 @@ class Segment:
     held: tuple[str, ...]       # placeholders of buffers and other held state it reads (copied for it)
     flops: int
     moved_bytes: int            # bytes of the tensors its nodes return (the time of memory-bound ops)
+    # May it run as one autograd node (actcompile.recompute_node)? Not where a tensor it hands on
+    # shares storage with one it reads from outside. Then ``autograd_nodes``, the nodes of the run
+    # that compute a new tensor requiring grad (a lower bound on the autograd nodes it would
+    # leave: views and a Linear's transposed weight leave theirs too), are freed with the forward.
+    one_node: bool = False
+    autograd_nodes: int = 0
+    random: bool = False        # some node draws random numbers: the run keeps an RNG state
 
 
 def find_segments(profile: MemoryProfile) -> list[Segment]:
@@ -66,10 +73,14 @@ def find_segments(profile: MemoryProfile) -> list[Segment]:
     saved_by_node: dict[str, list[tuple[int, int]]] = {}   # node -> (position in profile.tensors, storage)
     for position, t in enumerate(profile.tensors):
         saved_by_node.setdefault(t.node, []).append((position, t.index))
+    readers: dict[str, list[str]] = {}
+    for r in profile.nodes:
+        for name in r.inputs:
+            readers.setdefault(name, []).append(r.name)
     segments = []
     for run in _runs(profile.nodes, records, first_maker):
         for piece in _cut(run, records, first_maker, profile):
-            segment = _segment(piece, records, first_maker, tensors, saved_by_node, savers)
+            segment = _segment(piece, records, first_maker, tensors, saved_by_node, savers, readers)
             if segment.owned:
                 segments.append(segment)
     return segments
@@ -147,10 +158,11 @@ def _cut(run: list[str], records: dict[str, NodeRecord], first_maker: dict[int, 
 
 def _segment(piece: list[str], records: dict[str, NodeRecord], first_maker: dict[int, str],
              tensors: dict[int, SavedTensor], saved_by_node: dict[str, list[tuple[int, int]]],
-             savers: dict[int, set[str]]) -> Segment:
+             savers: dict[int, set[str]], readers: dict[str, list[str]]) -> Segment:
     """``piece`` as a :class:`Segment`; ``tensors`` by storage index, ``saved_by_node`` the
-    storages each node saves first, with their position in the profile (both built once per
-    profile, so a segment costs its own nodes, not the whole graph)."""
+    storages each node saves first, with their position in the profile, ``readers`` the nodes
+    reading each node (all built once per profile, so a segment costs its own nodes, not the
+    whole graph)."""
     inside = set(piece)
     owned = tuple(i for _, i in sorted(p for n in piece for p in saved_by_node.get(n, ())))
     freed = tuple(i for i in owned
@@ -180,7 +192,13 @@ def _segment(piece: list[str], records: dict[str, NodeRecord], first_maker: dict
             else:
                 extra += nbytes
     made = {s: b for n in piece for s, b in records[n].storages if first_maker.get(s) in inside}
+    read = {s for n in piece for i in records[n].inputs if i not in inside for s, _ in records[i].storages}
+    handed_on = [n for n in piece if any(r not in inside for r in readers.get(n, ()))]
+    one_node = not any(s in read for n in handed_on for s, _ in records[n].storages)
+    computing = sum(1 for n in piece if records[n].grad and any(first_maker.get(s) == n for s, _ in records[n].storages))
     return Segment(nodes=tuple(piece), owned=owned, freed=freed, boundary=tuple(boundary),
                    boundary_inputs=tuple((name, storage) for storage, names in boundary.items() for name in names),
                    extra_bytes=extra,
-                   held=tuple(held), flops=sum(records[n].flops for n in piece), moved_bytes=sum(made.values()))
+                   held=tuple(held), flops=sum(records[n].flops for n in piece), moved_bytes=sum(made.values()),
+                   one_node=one_node, autograd_nodes=computing if one_node else 0,
+                   random=any(records[n].random for n in piece))
