@@ -52,8 +52,8 @@ def _never(_t):
 class _RandomState:
     """The CPU generator's state and that of the accelerators the run's tensors are on.
 
-    Consecutive runs that draw no random numbers see the same CPU state: it is kept once
-    (``same_as``), not 5 KB per run."""
+    Consecutive runs that draw no random numbers see the same CPU state: they share one copy
+    of it (``previous``'s, where equal), not 5 KB each."""
 
     def __init__(self, tensors, previous: "_RandomState | None"):
         self.device_type = checkpoint._infer_device_type(*tensors)

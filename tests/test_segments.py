@@ -478,3 +478,25 @@ def test_a_run_handing_on_a_view_of_what_it_reads_is_not_one_node():
         aliases = any(st in read for n in handed for st, _ in records[n].storages)
         assert s.one_node == (not aliases), (s.nodes, s.one_node)
     assert any(not s.one_node for s in segments), [s.nodes for s in segments]
+
+
+def test_a_run_drawing_random_numbers_is_priced_with_its_rng_state():
+    """Only a run that draws random numbers keeps a CPU generator state of its own (5,056 B);
+    the profile marks the nodes that do (ops tagged ``nondeterministic_seeded``)."""
+    from actcompile.config import CompileConfig, parse_budget
+    from actcompile.passes.policy import CPU_RNG_STATE_BYTES, run_reserve
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Dropout(0.1), nn.Linear(64, 64), nn.Tanh())
+    (graph,) = capture_graphs(model, torch.randn(128, 64))
+    profile = profile_memory(graph)
+    random = [r.name for r in profile.nodes if r.random]
+    assert len(random) == 1, [(r.name, r.random) for r in profile.nodes]
+    config = CompileConfig(budget=parse_budget(0.5))
+    segments = find_segments(profile)
+    assert any(s.random for s in segments)
+    for s in segments:
+        draws = random[0] in s.nodes
+        assert s.random == draws
+        assert run_reserve(s, config) == config.reserve_bytes_per_segment + (CPU_RNG_STATE_BYTES if draws else 0)
+    assert CPU_RNG_STATE_BYTES == torch.get_rng_state().numel() > 0
