@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 import weakref
 
 import torch
@@ -91,6 +92,12 @@ def integer_codecs(t: SavedTensor, config: CompileConfig) -> list:
 
 _IN_PLACE_OPERATORS = frozenset({"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior",
                                   "ixor", "ilshift", "irshift", "imatmul"})
+
+
+def _writes_a_tensor(node: torch.fx.Node) -> bool:
+    """Is the first argument of ``node`` a graph node holding a tensor (by Dynamo's example value)?"""
+    first = node.args[0] if node.args else None
+    return isinstance(first, torch.fx.Node) and isinstance(first.meta.get("example_value"), torch.Tensor)
 
 
 def _argument(node: torch.fx.Node, name: str):
@@ -160,6 +167,8 @@ def recompute_kind(node: torch.fx.Node) -> str:
     if node.op == "get_attr":
         return "yes"
     target = node.target
+    if target is operator.setitem and _writes_a_tensor(node):
+        return "in-place"   # ``out[:, t] = v`` writes ``out`` (HF RWKV's CPU kernel fills its output so)
     if isinstance(target, torch._ops.HigherOrderOperator) or target in torch.fx.node._side_effectful_functions:
         return "no"
     writes_first = bool(_argument(node, "inplace"))

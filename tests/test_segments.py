@@ -500,3 +500,36 @@ def test_a_run_drawing_random_numbers_is_priced_with_its_rng_state():
         assert s.random == draws
         assert run_reserve(s, config) == config.reserve_bytes_per_segment + (CPU_RNG_STATE_BYTES if draws else 0)
     assert CPU_RNG_STATE_BYTES == torch.get_rng_state().numel() > 0
+
+
+class _WritesSlices(nn.Module):
+    """A loop writing each step into a preallocated output, as HF RWKV's CPU kernel does."""
+
+    def __init__(self, width=64):
+        super().__init__()
+        self.a, self.head = nn.Linear(width, width), nn.Linear(width, 4)
+
+    def forward(self, x):
+        out, h = torch.zeros_like(x), torch.zeros_like(x[:, 0])
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.a(x[:, t]) + h)
+            out[:, t] = h * 2
+        return self.head(out).sum(1)
+
+
+def test_a_loop_filling_a_preallocated_output_is_recomputed_as_one_run():
+    """``out[:, t] = h`` writes the tensor the loop made: recomputing it with the loop writes a
+    fresh one. As a side effect it used to end every run, and runs of one step freed nothing
+    (no plan at 0.5; HF RWKV had none at 1/2). Now the whole loop is one run, recomputed as one
+    autograd node: exact, and the heap under the budget."""
+    torch.manual_seed(0)
+    model, x = _WritesSlices(), torch.randn(16, 32, 64)
+    reference = copy.deepcopy(model)
+    compiled = actcompile(model, budget=0.3, example_inputs=x, codecs=["none"])
+    (run,) = [dict(a.options) for a in recomputed(compiled.plan)]
+    assert run["one_node"] and sum(name.startswith("setitem") for name in run["nodes"]) == 32
+    out, got = forward_backward(compiled, x, seed=1)
+    ref_out, ref = forward_backward(reference, x, seed=1)
+    assert torch.equal(out, ref_out) and compare_gradients(ref, got)[1] < 1e-6
+    kept = min(kept_by_forward(compiled, x) for _ in range(2))
+    assert kept <= compiled.plan.budget_bytes, f"heap kept {kept} B > budget {compiled.plan.budget_bytes} B"
