@@ -13,8 +13,11 @@ double backward alike.
 
 What it keeps for backward, per argument (``kept``): ``"save"`` through
 ``ctx.save_for_backward`` (version-checked, and seen by the saved-tensor hooks active around the
-call, so a storage an earlier node packed stays packed), or a ready object with ``decode()`` (an
-argument packed by a codec, a copy of mutated state) that the caller made.
+call, so a storage an earlier node packed stays packed); a :class:`Packed` object the caller made
+(an argument packed by a codec), which is saved in its place, through hooks of this module, so
+that autograd still gives its unpacked value the argument's place in the graph (double backward
+differentiates through it); or an :class:`Aside` object (a copy of state the forward mutates),
+kept beside the node, unversioned.
 
 >>> import torch
 >>> w = torch.randn(8, 8, requires_grad=True)
@@ -82,6 +85,68 @@ class _Restored:
         return self.fork.__exit__(*exc)
 
 
+class Packed:
+    """An argument kept in another form: ``decode()`` gives its value back."""
+
+    def __init__(self, kept):
+        self.kept = kept
+
+    def decode(self) -> torch.Tensor:
+        return self.kept.decode()
+
+
+class Aside(Packed):
+    """A value kept beside the node, not saved: no version check, no place in the graph."""
+
+
+class _Outer:
+    __slots__ = ("payload", "unpack")
+
+    def __init__(self, payload, unpack):
+        self.payload, self.unpack = payload, unpack
+
+
+class _Whole:
+    """An argument kept as it is, with the version it had: hooks turn autograd's own check off."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor, self.version = tensor, tensor._version
+
+    def unpack(self) -> torch.Tensor:
+        if self.tensor._version != self.version:
+            raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
+                               f"inplace operation: an argument of a recomputed run is at version "
+                               f"{self.tensor._version}; expected version {self.version} instead")
+        return self.tensor
+
+
+def _saving_hooks(kept: list):
+    """Hooks for the ``save_for_backward`` of :class:`RecomputedRun`: the ``k``-th saved tensor
+    is kept as ``kept`` says (the :class:`Packed` object in its place, else as the hooks around
+    the call keep it, else itself)."""
+    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    order = iter([k for k in kept if not isinstance(k, Aside)])
+
+    def pack(t):
+        k = next(order, "save")
+        if isinstance(k, Packed):
+            return k
+        if outer is not None:
+            return _Outer(outer[0](t), outer[1])
+        return _Whole(t)
+
+    def unpack(payload):
+        if isinstance(payload, Packed):
+            return payload.decode()
+        if isinstance(payload, _Outer):
+            return payload.unpack(payload.payload)
+        return payload.unpack()
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
 _last_state = [lambda: None]   # a weak reference to the latest _RandomState: an unchanged CPU state is shared
 
 
@@ -101,7 +166,7 @@ class RecomputedRun(torch.autograd.Function):
         outputs = tuple(v.detach() for v in leaves if isinstance(v, torch.Tensor))
         ctx.mark_non_differentiable(*(o for o, grad in zip(outputs, _differentiable(box, outputs)) if not grad))
         kept = box["kept"]
-        ctx.save_for_backward(*(t for t, k in zip(tensors, kept) if k == "save"))
+        ctx.save_for_backward(*(t for t, k in zip(tensors, kept) if not isinstance(k, Aside)))
         ctx.box = {key: box[key] for key in ("run", "spec", "other", "tensor_at", "kept", "state", "autocast")}
         return outputs
 
@@ -112,11 +177,11 @@ class RecomputedRun(torch.autograd.Function):
         if box is None:
             raise RuntimeError("Trying to backward through a recomputed run a second time: what it keeps was "
                                "freed after the first backward (pass retain_graph=True to keep it)")
-        tensors = [next(saved) if k == "save" else k.decode() for k in box["kept"]]
+        tensors = [k.decode() if isinstance(k, Aside) else next(saved) for k in box["kept"]]
         create_graph = torch.is_grad_enabled()
         # Double backward differentiates the gradients returned here: the recomputation must then
         # start from the saved arguments themselves (which keep their place in the outer graph).
-        inputs = [t if create_graph and needed and k == "save" else t.detach().requires_grad_(needed)
+        inputs = [t if create_graph and needed and not isinstance(k, Aside) else t.detach().requires_grad_(needed)
                   for t, needed, k in zip(tensors, ctx.needs_input_grad[1:], box["kept"])]
         device_kwargs, cpu_kwargs = box["autocast"]
         state = box["state"]
@@ -155,8 +220,8 @@ def _differentiable(box: dict, outputs) -> list[bool]:
 def recompute_as_one_node(run, args: tuple, kept=None, differentiable=None):
     """Call ``run(*args)`` now and again in backward, as one autograd node (see the module doc).
 
-    ``kept[i]`` says what is kept of the ``i``-th tensor leaf of ``args``: ``"save"`` (default)
-    or an object whose ``decode()`` gives it back. ``differentiable[k]``: may the ``k``-th tensor
+    ``kept[i]`` says what is kept of the ``i``-th tensor leaf of ``args``: ``"save"`` (default),
+    a :class:`Packed` or an :class:`Aside` (see the module doc). ``differentiable[k]``: may the ``k``-th tensor
     result require grad (default: if floating). Returns what ``run`` returns."""
     leaves, spec = tree_flatten(tuple(args))
     tensor_at = [k for k, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
@@ -167,6 +232,7 @@ def recompute_as_one_node(run, args: tuple, kept=None, differentiable=None):
                tensor_at=tensor_at, kept=list(kept) if kept is not None else ["save"] * len(tensors),
                state=state, autocast=checkpoint._get_autocast_kwargs(state.device_type),
                differentiable=differentiable)
-    outputs = iter(RecomputedRun.apply(box, *tensors))
+    with _saving_hooks(box["kept"]):
+        outputs = iter(RecomputedRun.apply(box, *tensors))
     results = [next(outputs) if is_tensor else other for is_tensor, other in zip(box["out_tensor"], box["out_other"])]
     return tree_unflatten(results, box["out_spec"])

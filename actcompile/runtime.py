@@ -41,7 +41,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
 from actcompile.codecs.base import packed_bytes, relative_error, strided_sample
-from actcompile.recompute_node import recompute_as_one_node
+from actcompile.recompute_node import Aside, Packed, recompute_as_one_node
 
 CHECK_VALUES = 1 << 16   # values of a packed tensor a drift check compares (evenly spaced slices)
 
@@ -405,9 +405,9 @@ class Recomputed:
         packed_at = dict(packed)
         for i, value in enumerate(args):
             if i in self.held and isinstance(value, torch.Tensor):
-                kept.append(_Copied(value.clone()))
+                kept.append(Aside(_Copied(value.clone())))
             elif i in packed_at:
-                kept.extend(v for v in tree_leaves(_pack_argument(session, value, tuple(packed_at[i])))
+                kept.extend(Packed(v) for v in tree_leaves(_pack_argument(session, value, tuple(packed_at[i])))
                             if isinstance(v, _PackedArgument))
             else:
                 kept.extend("save" for v in tree_leaves(value) if isinstance(v, torch.Tensor))
