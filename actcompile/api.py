@@ -607,7 +607,18 @@ class ActCompiledModule(nn.Module):
         ratio = min(1.0, self._ratio if self._ratio is not None else 1.0)
         config = dataclasses.replace(self.compile_config, budget=Budget(fraction=max(ratio, 1e-9)))
         profile, calibration, shares = _calibrated(graph, config, self._drifted_keys(runner.name))
-        (plan,) = choose_plans([profile], config, [calibration], shares=[shares])
+        try:
+            (plan,) = choose_plans([profile], config, [calibration], shares=[shares])
+        except BudgetError as err:
+            # Training is under way: a graph that cannot reach the ratio (a hook's own frame,
+            # re-captured when a Python counter it reads changes, keeping only what it returns)
+            # runs with the least it can keep, said once, rather than stop the step.
+            least = Budget(bytes=err.smallest_bytes) if err.smallest_bytes else Budget(fraction=1.0)
+            (plan,) = choose_plans([profile], dataclasses.replace(config, budget=least), [calibration],
+                                   shares=[shares])
+            warnings.warn(f"actcompile: a graph captured during training ({runner.name}) cannot be planned "
+                          f"at the budget's ratio {ratio:.3g}: it keeps {plan.planned_bytes} B of its "
+                          f"{plan.baseline_bytes} B ({err})", PlanDriftWarning, stacklevel=3)
         state = self._state(runner.gm, plan, profile.autograd_nodes)
         self._graphs[runner] = state
         return state

@@ -539,3 +539,43 @@ def test_planning_calibrates_inside_the_capture_forward(monkeypatch, name):
     def rows(plan):
         return [(a.node, a.ordinal, a.codec, a.epsilon, a.error, a.bytes_after) for a in plan.assignments]
     assert rows(one) == rows(two)
+
+
+class _CountingHook(nn.Module):
+    """A forward hook counting calls in a dict, and a full backward hook (a graph break around the
+    hooked block): each new count re-captures the hook's frame during training, and that graph
+    keeps nothing but what it returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {"forward": 0}
+        self.l1, self.l3 = nn.Linear(128, 256), nn.Linear(256, 10)
+        self.mid = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 256))
+        self.mid.register_forward_hook(self._count)
+        self.mid.register_full_backward_hook(lambda module, grad_in, grad_out: None)
+
+    def _count(self, module, inputs, output):
+        self.counts["forward"] += 1
+        return output * 1.25
+
+    def forward(self, x):
+        return self.l3(nn.functional.gelu(self.mid(torch.tanh(self.l1(x)))))
+
+
+def test_a_graph_captured_in_training_that_cannot_reach_the_ratio_runs_with_a_warning():
+    """Such a graph was planned at the budget's ratio and raised BudgetError mid-training (a
+    survey's logging hook stopped the first step). It now keeps the least it can, with a
+    PlanDriftWarning, and training goes on with the plain model's gradients."""
+    from actcompile import PlanDriftWarning
+
+    torch.manual_seed(0)
+    model, x = _CountingHook(), torch.randn(512, 128)
+    reference = copy.deepcopy(model)
+    compiled = actcompile(model, budget=0.25, example_inputs=x)
+    with pytest.warns(PlanDriftWarning, match="captured during training"):
+        for _ in range(2):
+            compiled.zero_grad(set_to_none=True)
+            compiled(x).sum().backward()
+    reference(x).sum().backward()
+    cosine = nn.functional.cosine_similarity(model.l1.weight.grad.flatten(), reference.l1.weight.grad.flatten(), dim=0)
+    assert cosine > 0.999, f"gradient cosine {cosine:.5f}"
