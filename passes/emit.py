@@ -175,13 +175,15 @@ def _may_run_as_one_node(gm: torch.fx.GraphModule, nodes, outside, results) -> b
 
 
 def _read_state_as_plain_checkpoint(graph: torch.fx.Graph) -> None:
-    """Route each checkpointed region given module state through :class:`runtime.StateReadingCall`."""
+    """Run each checkpointed region as a plain checkpoint with its RNG state preserved
+    (:func:`runtime.checkpointed_region`), through :class:`runtime.StateReadingCall` where it is
+    given module state."""
     checkpoint = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
     for node in graph.find_nodes(op="call_function", target=checkpoint) if checkpoint is not None else ():
         state = tuple(i for i, a in enumerate(node.args)
                       if isinstance(a, torch.fx.Node) and a.op == "placeholder" and meta.is_module_state(a))
-        if state:
-            node.target = runtime.StateReadingCall(checkpoint, state)
+        node.target = runtime.StateReadingCall(runtime.checkpointed_region, state) if state \
+            else runtime.checkpointed_region
 
 
 def emit_regions(gm: torch.fx.GraphModule, plan: Plan, compile_codecs: bool = False) -> CompressedGraphModule:
