@@ -419,9 +419,10 @@ def choose_plans(profiles: list[MemoryProfile], config: CompileConfig, calibrati
                 f"no plan fits the budget of {format_bytes(budget_bytes)} ({budget_bytes} B): the smallest "
                 f"achievable with codecs {[c.name for c in config.codecs]} is {format_bytes(smallest)} "
                 f"({smallest} B) of {format_bytes(baseline)} uncompressed; {format_bytes(fixed)} of it cannot "
-                f"be compressed (each with its reason in actcompile.explain(model, example_inputs, budget=1.0).skipped) and {format_bytes(reserve)} is kept free for "
-                f"autograd's own records and the packed tensors' holders (reserve_bytes_per_node, "
-                f"reserve_bytes_per_packed, reserve_bytes_per_segment){held}",
+                f"be compressed (each with its reason in actcompile.explain(model, example_inputs, "
+                f"budget=1.0).skipped) and {format_bytes(reserve)} is kept free for autograd's own records, "
+                f"the packed tensors' holders and the recomputed runs (reserve_bytes_per_node, "
+                f"reserve_bytes_per_packed, reserve_bytes_per_segment, reserve_bytes_per_checkpoint){held}",
                 smallest_bytes=smallest,
             )
         decoded, offset = [], 0
